@@ -1,0 +1,177 @@
+"""The backbone contract and the one class that keeps it for every torchvision-built network.
+
+A backbone maps ``x[B, 3, H, W]`` to an ordered dict of feature maps keyed by level (``"c1".."c5"``; ``c_k``
+has stride ``2**k``), and declares ``out_channels`` and ``strides`` (dicts keyed the same way) when it is
+built. :class:`Backbone` wraps a classification network *unchanged* (so its state dict keeps the library's
+own key names and pretrained files load as they are) together with a *level plan*: which of the network's
+submodules, run in order, produce each level. The classifier head and every level above the highest one
+asked for are dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from detkit.errors import ConfigError
+
+LevelPlan = list[tuple[str, list[str]]]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMS = ("bn", "frozen_bn", "sync_bn")
+
+
+def level_name(stride: int) -> str:
+    k = int(round(math.log2(stride)))
+    if 2**k != stride:
+        raise ValueError(f"feature stride {stride} is not a power of two")
+    return f"c{k}"
+
+
+def _probe(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return module(x)
+
+
+def _probe_input(network: nn.Module, size: int = 64) -> torch.Tensor:
+    p = next(network.parameters())
+    return torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype)
+
+
+def split_by_stride(network: nn.Module, sequential: str, size: int = 64) -> LevelPlan:
+    """Level plan for a network whose body is one ``nn.Sequential`` (EfficientNet, MobileNet, ...).
+
+    Children are run on a probe image; consecutive children at the same output stride form one level,
+    which ends at the last child of that stride (so trailing 1x1 convs belong to the top level).
+    """
+    seq = network.get_submodule(sequential)
+    was_training = network.training
+    network.eval()
+    x = _probe_input(network, size)
+    plan: LevelPlan = []
+    for child_name, child in seq.named_children():
+        x = _probe(child, x)
+        level = level_name(size // x.shape[-1])
+        if plan and plan[-1][0] == level:
+            plan[-1][1].append(f"{sequential}.{child_name}")
+        else:
+            plan.append((level, [f"{sequential}.{child_name}"]))
+    network.train(was_training)
+    return plan
+
+
+def _convert_norm(network: nn.Module, norm: str) -> nn.Module:
+    if norm == "bn":
+        return network
+    # timm's converters handle torchvision's BatchNorm2d and timm's BatchNormAct2d (which must keep its act).
+    from timm.layers import convert_sync_batchnorm, freeze_batch_norm_2d
+
+    if norm == "frozen_bn":
+        return freeze_batch_norm_2d(network)
+    if norm == "sync_bn":
+        return convert_sync_batchnorm(network)
+    raise ConfigError(f"model.backbone.norm = {norm!r}: expected one of {', '.join(NORMS)}")
+
+
+class Backbone(nn.Module):
+    """A network split into levels. See the module docstring for the contract.
+
+    Args:
+        network: the classification network (its submodule names are kept).
+        plan: ``[(level, [submodule names run in order]), ...]`` from the input up.
+        out_levels: the levels returned by ``forward``.
+        head: submodule names of the classifier (dropped).
+        frozen_stages: how many levels, from the first (``c1``, the stem), get no gradient and keep their
+            norm layers in eval mode. 0 = none; ``len(plan)`` = all.
+        norm: ``bn`` | ``frozen_bn`` (BatchNorm as a fixed affine map) | ``sync_bn`` (for DDP).
+        mean, std: the input normalisation the network's weights expect (RGB in [0, 1]).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        plan: LevelPlan,
+        out_levels: Sequence[str] = ("c2", "c3", "c4", "c5"),
+        head: Iterable[str] = (),
+        *,
+        name: str = "",
+        frozen_stages: int = 0,
+        norm: str = "bn",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        recommended_resolution: int = 224,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.levels = [level for level, _ in plan]
+        out_levels = list(out_levels)
+        check_levels(name, out_levels, self.levels)
+        if not 0 <= frozen_stages <= len(self.levels):
+            raise ConfigError(
+                f"model.backbone.frozen_stages = {frozen_stages}: {name} has {len(self.levels)} stages "
+                f"({', '.join(self.levels)}); expected 0..{len(self.levels)}"
+            )
+        top = max(self.levels.index(level) for level in out_levels)
+        dropped = [n for _, names in plan[top + 1:] for n in names] + list(head)
+        for module_name in dropped:
+            network.set_submodule(module_name, nn.Identity())
+        self.dropped = dropped
+        self.plan: LevelPlan = [(level, list(names)) for level, names in plan[: top + 1]]
+        self.out_levels = sorted(out_levels, key=self.levels.index)
+        self.network = _convert_norm(network, norm)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.recommended_resolution = recommended_resolution
+        self.frozen_stages = frozen_stages
+        self._frozen: list[nn.Module] = []
+        for _, names in self.plan[:frozen_stages]:
+            for module_name in names:
+                module = self.network.get_submodule(module_name)
+                module.requires_grad_(False)
+                self._frozen.append(module)
+        self.out_channels, self.strides = self._probe_shapes()
+        self.train()
+
+    def _probe_shapes(self, size: int = 64) -> tuple[dict[str, int], dict[str, int]]:
+        was_training = self.training
+        self.eval()
+        feats = _probe(self, _probe_input(self.network, size))
+        self.train(was_training)
+        channels = {k: int(v.shape[1]) for k, v in feats.items()}
+        strides = {k: size // int(v.shape[-1]) for k, v in feats.items()}
+        return channels, strides
+
+    def _stage_modules(self, names: list[str]) -> list[nn.Module]:
+        return [self.network.get_submodule(n) for n in names]
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        feats: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for level, names in self.plan:
+            for module in self._stage_modules(names):
+                x = module(x)
+            if level in self.out_levels:
+                feats[level] = x
+        return feats
+
+    def train(self, mode: bool = True) -> "Backbone":
+        super().train(mode)
+        for module in self._frozen:  # frozen stages keep their running statistics
+            module.eval()
+        return self
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, out_levels={self.out_levels}, frozen_stages={self.frozen_stages}"
+
+
+def check_levels(name: str, out_levels: Sequence[str], available: Sequence[str]) -> None:
+    if not out_levels:
+        raise ConfigError("model.backbone.out_levels is empty: name at least one level, e.g. [c3, c4, c5]")
+    for level in out_levels:
+        if level not in available:
+            raise ConfigError(
+                f"model.backbone.out_levels: {level!r} is not a level of {name} (it has {', '.join(available)})"
+            )

@@ -1,0 +1,151 @@
+"""Backbone registry and the builder that maps ``model.backbone`` onto a :class:`~detkit.backbones.base.Backbone`.
+
+Each family module registers a :class:`BackboneSpec` per name: how to build the family's ImageNet
+classification network, how to split it into levels, and which submodules form its classifier head.
+``timm:<model>`` names are handled by :mod:`detkit.backbones.timm_backbone`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from detkit.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, LevelPlan
+from detkit.backbones.pretrained import fetch_named, load_into, looks_like_path, read_state_dict
+from detkit.config.schema import BackboneConfig
+from detkit.errors import ConfigError, PretrainedError
+
+TIMM_PREFIX = "timm:"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    family: str
+    network: Callable[[Any, int], nn.Module]  # (backbone config, num_classes) -> classification network
+    plan: Callable[[nn.Module], LevelPlan]
+    head: tuple[str, ...]
+    torchvision_weights: str | None = None  # torchvision model name whose weights enum gives named weights
+    resolution: Callable[[Any], int] = lambda cfg: 224
+    preset: bool = True  # a fixed network (listed by `detkit backbones`), not a parametric family
+
+
+REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    if spec.name in REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} registered twice")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_backbones(presets_only: bool = True) -> list[str]:
+    return [n for n, s in REGISTRY.items() if s.preset or not presets_only]
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, list(REGISTRY), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            f"model.backbone.name = {name!r}: unknown backbone ({hint}see `detkit backbones`, or use "
+            f"'timm:<model>' for any timm model)"
+        )
+    return REGISTRY[name]
+
+
+def _as_config(cfg: BackboneConfig | DictConfig | Mapping | str | None, overrides: Mapping[str, Any]) -> DictConfig:
+    from detkit.config.loader import validate
+
+    if cfg is None or isinstance(cfg, str):
+        data: dict[str, Any] = {"name": cfg or BackboneConfig.name}
+    elif isinstance(cfg, DictConfig):
+        data = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    elif isinstance(cfg, BackboneConfig):
+        data = OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[assignment]
+    else:
+        data = dict(cfg)
+    data.update(overrides)
+    return validate({"model": {"backbone": data}}).model.backbone
+
+
+def build_backbone(cfg: BackboneConfig | DictConfig | Mapping | str | None = None, **overrides: Any) -> nn.Module:
+    """Build the backbone described by ``model.backbone`` (a config node, a dict, or just a name).
+
+    Keyword arguments override config keys: ``build_backbone("resnet50", out_levels=["c3", "c4", "c5"])``.
+    """
+    cfg = _as_config(cfg, overrides)
+    if cfg.name.startswith(TIMM_PREFIX):
+        from detkit.backbones.timm_backbone import build_timm_backbone
+
+        return build_timm_backbone(cfg)
+    spec = get_spec(cfg.name)
+    network = spec.network(cfg, 1000)
+    backbone = Backbone(
+        network,
+        spec.plan(network),
+        out_levels=cfg.out_levels,
+        head=spec.head,
+        name=cfg.name,
+        frozen_stages=cfg.frozen_stages,
+        norm=cfg.norm,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        recommended_resolution=spec.resolution(cfg),
+    )
+    if cfg.pretrained:
+        state, source = _pretrained_state(spec, cfg.pretrained)
+        dropped = tuple(f"{n}." for n in backbone.dropped)
+        load_into(backbone.network, state, source=source, name=cfg.name, ignored_prefixes=dropped)
+    return backbone
+
+
+def _pretrained_state(spec: BackboneSpec, pretrained: str) -> tuple[dict, str]:
+    if looks_like_path(pretrained):
+        return read_state_dict(pretrained), pretrained
+    if spec.torchvision_weights is None:
+        raise PretrainedError(
+            f"model.backbone.pretrained = {pretrained!r}: {spec.name} has no named weights (it is built from "
+            f"parameters); give a path to a state dict file"
+        )
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(spec.torchvision_weights)
+    names = [w.name for w in enum] + ["DEFAULT"]
+    if pretrained not in names:
+        raise PretrainedError(
+            f"model.backbone.pretrained = {pretrained!r}: not a file and not named weights of {spec.name} "
+            f"(named: {', '.join(names)})"
+        )
+    weights = enum[pretrained]
+    state = fetch_named(spec.name, pretrained, lambda: weights.get_state_dict(progress=False, check_hash=True))
+    return state, f"torchvision weights {weights}"
+
+
+def build_classifier(cfg: BackboneConfig | DictConfig | Mapping | str | None = None, num_classes: int = 1000,
+                     **overrides: Any) -> nn.Module:
+    """The backbone's full classification network (stem, body and a ``num_classes`` head), as published.
+
+    Used to compare complexity with published ImageNet numbers (``detkit backbones --imagenet``).
+    """
+    cfg = _as_config(cfg, overrides)
+    if cfg.name.startswith(TIMM_PREFIX):
+        import timm
+
+        return timm.create_model(cfg.name[len(TIMM_PREFIX):], pretrained=False, num_classes=num_classes,
+                                 **cfg.kwargs)
+    return get_spec(cfg.name).network(cfg, num_classes)
+
+
+def imagenet_resolution(cfg: BackboneConfig | DictConfig | Mapping | str | None = None, **overrides: Any) -> int:
+    cfg = _as_config(cfg, overrides)
+    if cfg.name.startswith(TIMM_PREFIX):
+        from detkit.backbones.timm_backbone import timm_resolution
+
+        return timm_resolution(cfg.name[len(TIMM_PREFIX):])
+    return get_spec(cfg.name).resolution(cfg)

@@ -1,0 +1,123 @@
+"""``timm:<model>``: any timm model that supports ``features_only``, under the same contract.
+
+timm reports each feature's reduction (stride) and channels; detkit names them ``c_k`` with ``2**k`` the
+stride. The input normalisation is the model's own (``pretrained_cfg`` mean/std).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from detkit.backbones.base import _convert_norm, check_levels, level_name
+from detkit.backbones.pretrained import fetch_named, load_into, looks_like_path, read_state_dict
+from detkit.errors import ConfigError
+
+PREFIX = "timm:"
+
+
+def _create(model_name: str, **kwargs):
+    import timm
+
+    try:
+        return timm.create_model(model_name, **kwargs)
+    except RuntimeError as e:  # timm's "Unknown model" and "features_only not implemented"
+        raise ConfigError(f"model.backbone.name = 'timm:{model_name}': {str(e).splitlines()[0]}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.backbone 'timm:{model_name}': {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def _feature_levels(model_name: str, kwargs: dict) -> list[str]:
+    with torch.device("meta"):
+        probe = _create(model_name, features_only=True, pretrained=False, **kwargs)
+    strides = probe.feature_info.reduction()
+    levels = [level_name(s) for s in strides]
+    if len(set(levels)) != len(levels):
+        raise ConfigError(
+            f"model.backbone.name = 'timm:{model_name}': its features have strides {strides}; detkit needs "
+            f"one feature map per stride (a CNN-like pyramid)"
+        )
+    return levels
+
+
+def timm_resolution(model_name: str) -> int:
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(model_name.split(".")[0]) if "." not in model_name else None
+    size = getattr(cfg, "input_size", None) if cfg is not None else None
+    return int(size[-1]) if size else 224
+
+
+class TimmBackbone(nn.Module):
+    """A timm ``features_only`` network keyed by level."""
+
+    def __init__(self, model_name: str, out_levels, *, frozen_stages: int = 0, norm: str = "bn",
+                 pretrained: str | None = None, kwargs: dict | None = None) -> None:
+        super().__init__()
+        kwargs = dict(kwargs or {})
+        self.name = PREFIX + model_name
+        self.levels = _feature_levels(model_name, kwargs)
+        out_levels = list(out_levels)
+        check_levels(self.name, out_levels, self.levels)
+        if not 0 <= frozen_stages <= len(self.levels):
+            raise ConfigError(
+                f"model.backbone.frozen_stages = {frozen_stages}: {self.name} has {len(self.levels)} stages "
+                f"({', '.join(self.levels)}); expected 0..{len(self.levels)}"
+            )
+        self.out_levels = sorted(out_levels, key=self.levels.index)
+        indices = [self.levels.index(level) for level in self.out_levels]
+        named_tag = pretrained if pretrained and not looks_like_path(pretrained) else None
+        create = dict(features_only=True, out_indices=indices, **kwargs)
+        if named_tag is not None:
+            tag = "" if named_tag in ("default", "imagenet", "true", "True") else f".{named_tag}"
+            self.network = fetch_named(self.name, named_tag,
+                                       lambda: _create(model_name + tag, pretrained=True, **create))
+        else:
+            self.network = _create(model_name, pretrained=False, **create)
+        if pretrained and named_tag is None:
+            load_into(self.network, read_state_dict(pretrained), source=pretrained, name=self.name)
+        self.network = _convert_norm(self.network, norm)
+        info = self.network.feature_info
+        self.out_channels = {lvl: int(c) for lvl, c in zip(self.out_levels, info.channels())}
+        self.strides = {lvl: int(s) for lvl, s in zip(self.out_levels, info.reduction())}
+        pcfg = getattr(self.network, "pretrained_cfg", None) or {}
+        self.mean = tuple(pcfg.get("mean", (0.485, 0.456, 0.406)))
+        self.std = tuple(pcfg.get("std", (0.229, 0.224, 0.225)))
+        self.recommended_resolution = int(pcfg.get("input_size", (3, 224, 224))[-1])
+        self.frozen_stages = frozen_stages
+        self._frozen = self._freeze(frozen_stages)
+
+    def _freeze(self, n: int) -> list[nn.Module]:
+        """Freeze every top-level module up to the one that produces the n-th level (c1 = 1)."""
+        if n == 0:
+            return []
+        info = self.network.feature_info  # FeatureInfo keeps every level; index n-1 is the n-th
+        target = str(info.module_name(n - 1)).replace(".", "_")  # timm flattens 'blocks.1' into 'blocks_1'
+        children = list(self.network.named_children())
+        names = [name for name, _ in children]
+        if target in names:
+            children = children[: names.index(target) + 1]
+        elif n - 1 <= max(self.levels.index(lvl) for lvl in self.out_levels):
+            raise ConfigError(f"model.backbone.frozen_stages = {n}: cannot find module {target!r} in {self.name}")
+        for _, child in children:
+            child.requires_grad_(False)
+        return [child for _, child in children]
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        return OrderedDict(zip(self.out_levels, self.network(x)))
+
+    def train(self, mode: bool = True) -> "TimmBackbone":
+        super().train(mode)
+        for module in getattr(self, "_frozen", []):
+            module.eval()
+        return self
+
+
+def build_timm_backbone(cfg) -> TimmBackbone:
+    model_name = cfg.name[len(PREFIX):]
+    if not model_name:
+        raise ConfigError("model.backbone.name = 'timm:': name a timm model, e.g. timm:tf_efficientnet_lite0")
+    return TimmBackbone(model_name, cfg.out_levels, frozen_stages=cfg.frozen_stages, norm=cfg.norm,
+                        pretrained=cfg.pretrained, kwargs=dict(cfg.kwargs))

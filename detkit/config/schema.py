@@ -1,0 +1,136 @@
+"""The typed schema of a detkit config.
+
+Every key a config may set is declared here, with its type and default. The dataclasses map onto
+constructor arguments of the parts they configure (``model.backbone`` -> :func:`detkit.backbones.build_backbone`,
+``model.neck`` -> :func:`detkit.necks.build_neck`, ...). Keys whose value must be one of a few words carry
+``choices`` metadata, checked after loading (see :mod:`detkit.config.loader`).
+
+Sections that pass arguments through to a library (``model.backbone.kwargs`` for timm, ``trainer.extra``
+for Lightning) are free-form dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+def choice(default: Any, *choices: Any) -> Any:
+    """A field whose value must be one of ``choices`` (checked by the loader)."""
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+@dataclass
+class RegNetParams:
+    """A point of the RegNet design space (used when ``model.backbone.name: regnet``).
+
+    Per-block widths u_j = w0 + wa*j are quantized to w0*wm^round(log(u_j/w0)/log(wm)) (then to a
+    multiple of 8); blocks of equal width form a stage.
+    """
+
+    depth: int = 22
+    w0: int = 24
+    wa: float = 24.48
+    wm: float = 2.54
+    group_width: int = 16
+    bottleneck_ratio: float = 1.0
+    se_ratio: float = 0.0
+
+
+@dataclass
+class EfficientNetParams:
+    """Compound scaling (used when ``model.backbone.name: efficientnet``): depth alpha^phi, width beta^phi,
+    resolution gamma^phi times 224."""
+
+    phi: float = 0.0
+    alpha: float = 1.2
+    beta: float = 1.1
+    gamma: float = 1.15
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet18"
+    pretrained: Optional[str] = None
+    out_levels: List[str] = field(default_factory=lambda: ["c2", "c3", "c4", "c5"])
+    frozen_stages: int = 0
+    norm: str = choice("bn", "bn", "frozen_bn", "sync_bn")
+    regnet: RegNetParams = field(default_factory=RegNetParams)
+    efficientnet: EfficientNetParams = field(default_factory=EfficientNetParams)
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NeckConfig:
+    name: str = choice("fpn", "fpn", "pan", "none")
+    out_channels: int = 256
+    levels: List[str] = field(default_factory=lambda: ["p3", "p4", "p5", "p6", "p7"])
+    extra_from: str = choice("fpn", "fpn", "backbone")
+    extra_op: str = choice("conv", "conv", "maxpool")
+
+
+@dataclass
+class HeadConfig:
+    name: str = choice("faster_rcnn", "faster_rcnn", "mask_rcnn", "yolo", "ssd", "unet")
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = 1
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    neck: NeckConfig = field(default_factory=NeckConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+@dataclass
+class DatasetConfig:
+    format: Optional[str] = choice(None, None, "coco", "voc", "yolo", "masks", "instance_masks")
+    images: Optional[str] = None
+    annotations: Optional[str] = None
+    split: Optional[str] = None
+    classes: Optional[List[str]] = None
+
+
+@dataclass
+class DataConfig:
+    train: DatasetConfig = field(default_factory=DatasetConfig)
+    val: DatasetConfig = field(default_factory=DatasetConfig)
+    test: DatasetConfig = field(default_factory=DatasetConfig)
+    image_size: int = 512
+    batch_size: int = 4
+    num_workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12
+    lr: float = 0.01
+    optimizer: str = choice("sgd", "sgd", "adamw")
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 100
+    scheduler: str = choice("cosine", "cosine", "multistep", "constant")
+    milestones: List[int] = field(default_factory=list)
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer arguments. ``devices`` takes an int, a list of ids or "auto"."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    precision: str = "32"
+
+
+@dataclass
+class Config:
+    name: str = "detkit"
+    seed: int = 42
+    output_dir: str = "runs/${name}/${now:%Y%m%d-%H%M%S}"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)

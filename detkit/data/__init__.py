@@ -1,0 +1,1 @@
+"""detkit.data: see docs/architecture.md (filled in by later issues)."""

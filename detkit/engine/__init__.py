@@ -1,0 +1,1 @@
+"""detkit.engine: see docs/architecture.md (filled in by later issues)."""

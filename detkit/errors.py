@@ -1,0 +1,13 @@
+"""Errors that reach the user as one line (the CLI prints them on stderr and exits with code 2)."""
+
+
+class DetkitError(Exception):
+    """Base class of every error caused by bad input (a config, a file, a name)."""
+
+
+class ConfigError(DetkitError):
+    """A config file, key or value is wrong."""
+
+
+class PretrainedError(DetkitError):
+    """Pretrained weights cannot be found, read or loaded."""

@@ -1,0 +1,1 @@
+"""detkit.evaluation: see docs/architecture.md (filled in by later issues)."""

@@ -1,0 +1,1 @@
+"""detkit.heads: see docs/architecture.md (filled in by later issues)."""

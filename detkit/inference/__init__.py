@@ -1,0 +1,1 @@
+"""detkit.inference: see docs/architecture.md (filled in by later issues)."""

@@ -1,0 +1,22 @@
+"""Necks: FPN and PAN over any backbone (``{"c_k"}`` -> ``{"p_k"}`` with one channel count)."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from torch import nn
+
+from detkit.necks.fpn import FPN, PAN, ExtraLevels
+
+NECKS = {"fpn": FPN, "pan": PAN}
+
+
+def build_neck(cfg, in_channels: Mapping[str, int], in_strides: Mapping[str, int] | None = None) -> nn.Module | None:
+    """Build ``model.neck`` over a backbone's ``out_channels``/``strides``; ``name: none`` returns None."""
+    if cfg.name == "none":
+        return None
+    return NECKS[cfg.name](in_channels, in_strides, out_channels=cfg.out_channels, levels=list(cfg.levels),
+                           extra_from=cfg.extra_from, extra_op=cfg.extra_op)
+
+
+__all__ = ["FPN", "NECKS", "PAN", "ExtraLevels", "build_neck"]
