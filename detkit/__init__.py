@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from detkit.config import load_config  # noqa: E402
-from detkit.errors import ConfigError, DetkitError, PretrainedError  # noqa: E402
+from detkit.config import load_config
+from detkit.errors import ConfigError, DetkitError, PretrainedError
 
 
 def build_backbone(*args, **kwargs):

@@ -11,7 +11,7 @@ import csv
 import json
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from detkit import __version__
 from detkit.errors import DetkitError
@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     if not hasattr(args, "func"):
         parser.print_help()
-        return 2 if args.command is None else 2
+        return 2
     try:
         return int(args.func(args) or 0)
     except DetkitError as e:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -148,7 +148,7 @@ class Backbone(nn.Module):
     def _stage_modules(self, names: list[str]) -> list[nn.Module]:
         return [self.network.get_submodule(n) for n in names]
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         feats: OrderedDict[str, torch.Tensor] = OrderedDict()
         for level, names in self.plan:
             for module in self._stage_modules(names):
@@ -157,7 +157,7 @@ class Backbone(nn.Module):
                 feats[level] = x
         return feats
 
-    def train(self, mode: bool = True) -> "Backbone":
+    def train(self, mode: bool = True) -> Backbone:
         super().train(mode)
         for module in self._frozen:  # frozen stages keep their running statistics
             module.eval()

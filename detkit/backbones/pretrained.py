@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -41,7 +42,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle with code, ...
-        raise PretrainedError(f"cannot read weights file {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise PretrainedError(f"cannot read weights file {path}: {type(e).__name__}: {reason}") from None
     for key in _WRAPPERS:
         if isinstance(data, Mapping) and key in data and isinstance(data[key], Mapping):
             data = data[key]
@@ -94,7 +96,8 @@ def load_into(
     unexpected = [k for k in unexpected_all if k not in ignored]
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     network.load_state_dict({k: state[k] for k in matched}, strict=False)
-    log.info("loaded %d tensors from %s into %s (%d classifier keys not used)", len(matched), source, name, len(ignored))
+    log.info("loaded %d tensors from %s into %s (%d classifier keys not used)", len(matched), source, name,
+             len(ignored))
     if missing:
         log.warning("%s: %d keys of %s are not in the file and keep their initial values: %s", source, len(missing),
                     name, _short(missing))
@@ -108,8 +111,26 @@ def _short(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
 
 
-def fetch_named(name: str, weights: str, download: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Run a library's download of named weights; any failure becomes one line suggesting a local file."""
+def host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host`` opens within ``timeout`` seconds (a fast offline check)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def fetch_named(name: str, weights: str, download: Callable[[], dict[str, torch.Tensor]] | Callable[[], nn.Module],
+                host: str | None = None, cached: bool = False):
+    """Run a library's download of named weights; any failure becomes one line suggesting a local file.
+
+    When ``host`` (where the library downloads from) cannot be reached and the weights are not ``cached``,
+    fail at once instead of waiting for the library's retries.
+    """
+    hint = "download them elsewhere and set model.backbone.pretrained=/path/to/weights.pth"
+    if host and not cached and not host_reachable(host):
+        raise PretrainedError(f"cannot fetch named weights {weights!r} for {name}: {host} is not reachable "
+                              f"(offline?); {hint}")
     try:
         return download()
     except PretrainedError:
@@ -117,6 +138,5 @@ def fetch_named(name: str, weights: str, download: Callable[[], dict[str, torch.
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PretrainedError(
-            f"cannot fetch named weights {weights!r} for {name} (offline? {type(e).__name__}: {reason[:160]}); "
-            f"download them elsewhere and set model.backbone.pretrained=/path/to/weights.pth"
+            f"cannot fetch named weights {weights!r} for {name} (offline? {type(e).__name__}: {reason[:160]}); {hint}"
         ) from None

@@ -8,8 +8,11 @@ classification network, how to split it into levels, and which submodules form i
 from __future__ import annotations
 
 import difflib
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
+from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -123,8 +126,15 @@ def _pretrained_state(spec: BackboneSpec, pretrained: str) -> tuple[dict, str]:
             f"(named: {', '.join(names)})"
         )
     weights = enum[pretrained]
-    state = fetch_named(spec.name, pretrained, lambda: weights.get_state_dict(progress=False, check_hash=True))
+    state = fetch_named(spec.name, pretrained, lambda: weights.get_state_dict(progress=False, check_hash=True),
+                        host=urlparse(weights.url).hostname, cached=_in_torch_hub_cache(weights.url))
     return state, f"torchvision weights {weights}"
+
+
+def _in_torch_hub_cache(url: str) -> bool:
+    import torch.hub
+
+    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path)))
 
 
 def build_classifier(cfg: BackboneConfig | DictConfig | Mapping | str | None = None, num_classes: int = 1000,

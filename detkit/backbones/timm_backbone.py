@@ -12,10 +12,17 @@ import torch
 from torch import nn
 
 from detkit.backbones.base import _convert_norm, check_levels, level_name
-from detkit.backbones.pretrained import fetch_named, load_into, looks_like_path, read_state_dict
+from detkit.backbones.pretrained import (
+    fetch_named,
+    host_reachable,
+    load_into,
+    looks_like_path,
+    read_state_dict,
+)
 from detkit.errors import ConfigError
 
 PREFIX = "timm:"
+HF_HOST = "huggingface.co"
 
 
 def _create(model_name: str, **kwargs):
@@ -27,6 +34,22 @@ def _create(model_name: str, **kwargs):
         raise ConfigError(f"model.backbone.name = 'timm:{model_name}': {str(e).splitlines()[0]}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.backbone 'timm:{model_name}': {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def _create_pretrained(model_name: str, **kwargs):
+    """timm's own download (Hugging Face hub). Offline, use only the local cache instead of retrying for a minute."""
+    from unittest import mock
+
+    import huggingface_hub.constants as hf
+
+    if host_reachable(HF_HOST):
+        return _create(model_name, pretrained=True, **kwargs)
+    with mock.patch.object(hf, "HF_HUB_OFFLINE", True):
+        try:
+            return _create(model_name, pretrained=True, **kwargs)
+        except Exception as e:
+            raise ConnectionError(f"{HF_HOST} is not reachable and the weights are not in the local cache "
+                                  f"({type(e).__name__})") from None
 
 
 def _feature_levels(model_name: str, kwargs: dict) -> list[str]:
@@ -72,8 +95,7 @@ class TimmBackbone(nn.Module):
         create = dict(features_only=True, out_indices=indices, **kwargs)
         if named_tag is not None:
             tag = "" if named_tag in ("default", "imagenet", "true", "True") else f".{named_tag}"
-            self.network = fetch_named(self.name, named_tag,
-                                       lambda: _create(model_name + tag, pretrained=True, **create))
+            self.network = fetch_named(self.name, named_tag, lambda: _create_pretrained(model_name + tag, **create))
         else:
             self.network = _create(model_name, pretrained=False, **create)
         if pretrained and named_tag is None:
@@ -105,10 +127,10 @@ class TimmBackbone(nn.Module):
             child.requires_grad_(False)
         return [child for _, child in children]
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         return OrderedDict(zip(self.out_levels, self.network(x)))
 
-    def train(self, mode: bool = True) -> "TimmBackbone":
+    def train(self, mode: bool = True) -> TimmBackbone:
         super().train(mode)
         for module in getattr(self, "_frozen", []):
             module.eval()

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import difflib
 import typing
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -123,13 +124,15 @@ def _type_name(tp: Any) -> str:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         inner = " or ".join(_type_name(a) for a in args)
         return f"{inner} or null" if len(args) < len(typing.get_args(tp)) else inner
-    if origin in (list, typing.List):
+    if origin in (list, list):
         (arg,) = typing.get_args(tp) or (Any,)
         return f"a list of {_type_name(arg)}"
-    if origin in (dict, typing.Dict):
+    if origin in (dict, dict):
         return "a mapping"
     if isinstance(tp, type):
-        return {"int": "int", "float": "float", "str": "str", "bool": "bool"}.get(tp.__name__, f"a mapping ({tp.__name__})")
+        if tp.__name__ in ("int", "float", "str", "bool"):
+            return tp.__name__
+        return f"a mapping ({tp.__name__})"
     return str(tp).replace("typing.", "")
 
 
@@ -147,7 +150,8 @@ def _expected_type(schema: DictConfig, full_key: str) -> str:
     if node is None:
         return "a valid value"
     name = _type_name(node._metadata.ref_type)
-    return f"{name} or null" if node._metadata.optional and not name.endswith("or null") and name != "any value" else name
+    nullable = node._metadata.optional and not name.endswith("or null") and name != "any value"
+    return f"{name} or null" if nullable else name
 
 
 def _check_choices(cfg: DictConfig, source: str) -> None:

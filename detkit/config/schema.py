@@ -12,7 +12,7 @@ for Lightning) are free-form dicts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 
 def choice(default: Any, *choices: Any) -> Any:
@@ -51,20 +51,20 @@ class EfficientNetParams:
 @dataclass
 class BackboneConfig:
     name: str = "resnet18"
-    pretrained: Optional[str] = None
-    out_levels: List[str] = field(default_factory=lambda: ["c2", "c3", "c4", "c5"])
+    pretrained: str | None = None
+    out_levels: list[str] = field(default_factory=lambda: ["c2", "c3", "c4", "c5"])
     frozen_stages: int = 0
     norm: str = choice("bn", "bn", "frozen_bn", "sync_bn")
     regnet: RegNetParams = field(default_factory=RegNetParams)
     efficientnet: EfficientNetParams = field(default_factory=EfficientNetParams)
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class NeckConfig:
     name: str = choice("fpn", "fpn", "pan", "none")
     out_channels: int = 256
-    levels: List[str] = field(default_factory=lambda: ["p3", "p4", "p5", "p6", "p7"])
+    levels: list[str] = field(default_factory=lambda: ["p3", "p4", "p5", "p6", "p7"])
     extra_from: str = choice("fpn", "fpn", "backbone")
     extra_op: str = choice("conv", "conv", "maxpool")
 
@@ -72,7 +72,7 @@ class NeckConfig:
 @dataclass
 class HeadConfig:
     name: str = choice("faster_rcnn", "faster_rcnn", "mask_rcnn", "yolo", "ssd", "unet")
-    params: Dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -85,11 +85,11 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
-    format: Optional[str] = choice(None, None, "coco", "voc", "yolo", "masks", "instance_masks")
-    images: Optional[str] = None
-    annotations: Optional[str] = None
-    split: Optional[str] = None
-    classes: Optional[List[str]] = None
+    format: str | None = choice(None, None, "coco", "voc", "yolo", "masks", "instance_masks")
+    images: str | None = None
+    annotations: str | None = None
+    split: str | None = None
+    classes: list[str] | None = None
 
 
 @dataclass
@@ -111,8 +111,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_iters: int = 100
     scheduler: str = choice("cosine", "cosine", "multistep", "constant")
-    milestones: List[int] = field(default_factory=list)
-    grad_clip: Optional[float] = None
+    milestones: list[int] = field(default_factory=list)
+    grad_clip: float | None = None
 
 
 @dataclass

@@ -13,7 +13,7 @@ A neck maps the backbone's ``{"c_k": tensor}`` to ``{"p_k": tensor}`` with one c
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -114,7 +114,7 @@ class FPN(nn.Module):
         )
         self.fpn = FeaturePyramidNetwork([in_channels[c] for c in self.in_levels], out_channels, extra_block)
 
-    def forward(self, feats: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, feats: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
         x = OrderedDict((f"p{c[1:]}", feats[c]) for c in self.in_levels)
         return self.fpn(x)
 
@@ -130,7 +130,7 @@ class PAN(FPN):
         self.down = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1) for _ in range(n))
         self.fuse = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in range(n))
 
-    def forward(self, feats: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, feats: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
         p = super().forward(feats)
         names = list(p)
         out = OrderedDict([(names[0], p[names[0]])])

@@ -1,0 +1,196 @@
+"""Backbones: the contract for every family, RegNet/EfficientNet parity with torchvision, options."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from detkit.backbones import build_backbone, build_classifier, list_backbones
+from detkit.backbones.efficientnet import NAMED, compound_scaling
+from detkit.backbones.regnet import PRESETS, preset_stages, quantized_linear_widths, regnet_stages
+from detkit.errors import ConfigError
+
+FAMILIES = [
+    ("resnet18", {}),
+    ("resnet50", {}),
+    ("regnet_x_400mf", {}),
+    ("regnet_y_400mf", {}),
+    ("regnet", {"regnet": {"depth": 10, "w0": 16, "wa": 12.0, "wm": 2.2, "group_width": 8, "se_ratio": 0.25}}),
+    ("efficientnet_b0", {}),
+    ("efficientnet", {"efficientnet": {"phi": 0.5}}),
+    ("mobilenet_v3_large", {}),
+    ("mobilenet_v3_small", {}),
+    ("timm:resnet18", {}),
+    ("timm:tf_efficientnet_lite0", {}),
+]
+
+
+@pytest.mark.parametrize("name, extra", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_every_family_keeps_the_contract(name, extra):
+    levels = ["c1", "c2", "c3", "c4", "c5"]
+    backbone = build_backbone({"name": name, "out_levels": levels, **extra})
+    # declared before any forward pass
+    assert list(backbone.out_channels) == levels and list(backbone.strides) == levels
+    assert backbone.strides == {f"c{k}": 2**k for k in range(1, 6)}
+    x = torch.randn(2, 3, 64, 96)
+    feats = backbone.eval()(x)
+    assert list(feats) == levels
+    for level, f in feats.items():
+        s = backbone.strides[level]
+        assert f.shape == (2, backbone.out_channels[level], 64 // s, 96 // s), level
+    assert len(backbone.mean) == 3 and len(backbone.std) == 3
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "timm:resnet18"])
+def test_out_levels_subset_drops_unused_modules(name):
+    full = build_backbone(name)
+    small = build_backbone(name, out_levels=["c3", "c2"])
+    assert list(small.out_channels) == ["c2", "c3"]  # ordered by stride whatever the config order
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in full.parameters())
+    feats = small(torch.randn(1, 3, 64, 64))
+    assert list(feats) == ["c2", "c3"]
+    assert feats["c3"].shape[1] == full.out_channels["c3"]
+
+
+def test_classifier_head_is_dropped():
+    backbone = build_backbone("resnet18")
+    names = {n for n, _ in backbone.named_parameters()}
+    assert not any(n.startswith("network.fc") for n in names)
+    assert "network.conv1.weight" in names  # the library's own key names are kept
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "timm:resnet18"])
+def test_frozen_stages(name):
+    backbone = build_backbone(name, frozen_stages=2, out_levels=["c2", "c3", "c4", "c5"]).train()
+    x = torch.randn(2, 3, 64, 64)
+    sum(f.sum() for f in backbone(x).values()).backward()
+    frozen = [m for m in backbone._frozen]
+    assert frozen, "nothing frozen"
+    for module in frozen:
+        for p in module.parameters():
+            assert not p.requires_grad and p.grad is None
+        assert not module.training  # BN statistics of frozen stages stay fixed
+    trainable = [p for p in backbone.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in trainable)
+    # frozen BN buffers don't move in train mode
+    bns = [m for mod in frozen for m in mod.modules() if isinstance(m, nn.BatchNorm2d)]
+    if bns:
+        before = bns[0].running_mean.clone()
+        backbone(x * 3 + 1)
+        assert torch.equal(before, bns[0].running_mean)
+
+
+def test_frozen_stages_out_of_range():
+    with pytest.raises(ConfigError, match=r"model.backbone.frozen_stages = 9: resnet18 has 5 stages"):
+        build_backbone("resnet18", frozen_stages=9)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "timm:tf_efficientnet_lite0"])
+def test_norm_options(name):
+    from timm.layers import FrozenBatchNormAct2d
+
+    frozen = build_backbone(name, norm="frozen_bn")
+    kinds = {type(m).__name__ for m in frozen.modules()}
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) for m in frozen.modules()), kinds
+    assert "FrozenBatchNorm2d" in kinds or any(isinstance(m, FrozenBatchNormAct2d) for m in frozen.modules())
+    reference = build_backbone(name).eval()
+    # BN scale/shift become buffers: fewer trainable parameters, same state-dict keys for the weights
+    assert sum(p.numel() for p in frozen.parameters()) < sum(p.numel() for p in reference.parameters())
+    # frozen BN computes the same function as eval-mode BN
+    frozen.load_state_dict(reference.state_dict(), strict=False)
+    x = torch.randn(1, 3, 64, 64)
+    for a, b in zip(reference(x).values(), frozen.eval()(x).values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    synced = build_backbone(name, norm="sync_bn")
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
+
+
+def test_bad_names_and_levels():
+    with pytest.raises(ConfigError, match=r"unknown backbone \(did you mean 'resnet50'\?"):
+        build_backbone("resnet5O")
+    with pytest.raises(ConfigError, match=r"'c6' is not a level of resnet18 \(it has c1, c2, c3, c4, c5\)"):
+        build_backbone("resnet18", out_levels=["c5", "c6"])
+    with pytest.raises(ConfigError, match="timm:not_a_model"):
+        build_backbone("timm:not_a_model")
+    with pytest.raises(ConfigError, match="model.backbone.norm"):
+        build_backbone("resnet18", norm="gn")
+
+
+# ------------------------------------------------------------------------------------------ RegNet
+def _torchvision_block_params(name: str):
+    """The BlockParams torchvision's own builder passes to RegNet (captured, no network built)."""
+    with mock.patch.object(torchvision.models.regnet, "RegNet") as regnet_cls:
+        getattr(torchvision.models, name)(weights=None)
+    return regnet_cls.call_args.args[0]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_regnet_preset_rebuilt_from_parameters_equals_torchvision(name):
+    ref = _torchvision_block_params(name)
+    ours = preset_stages(name)
+    assert ours.depths == list(ref.depths)
+    assert ours.widths == list(ref.widths)
+    assert ours.group_widths == list(ref.group_widths)
+    assert ours.bottleneck_ratios == list(ref.bottleneck_multipliers)
+    assert (ours.se_ratio or None) == ref.se_ratio
+    # and the network is block for block torchvision's (compared on the meta device: shapes only)
+    with torch.device("meta"):
+        tv = getattr(torchvision.models, name)
+        mine = build_classifier(name)
+    if name in ("regnet_x_400mf", "regnet_y_400mf", "regnet_y_800mf"):  # small enough to build for real
+        tv_state = tv(weights=None).state_dict()
+        assert {k: v.shape for k, v in mine.state_dict().items()} == {k: v.shape for k, v in tv_state.items()}
+
+
+def test_quantized_linear_rule_by_hand():
+    # d=6, w0=24, wa=24, wm=2: u = 24, 48, 72, 96, 120, 144 -> exponents 0,1,2(1.58),2,2(2.32),3(2.58)
+    assert quantized_linear_widths(6, 24, 24.0, 2.0) == [24, 48, 96, 96, 96, 192]
+    stages = regnet_stages(6, 24, 24.0, 2.0, group_width=16)
+    assert stages.depths == [1, 1, 3, 1]
+    # widths made divisible by the group width (24 -> 32 with g=16), groups capped by the width
+    assert stages.widths == [32, 48, 96, 192] and stages.group_widths == [16, 16, 16, 16]
+    with pytest.raises(ConfigError, match="invalid design point"):
+        quantized_linear_widths(10, 24, 10.0, 0.9)
+
+
+def test_regnet_design_point_backbone():
+    backbone = build_backbone({"name": "regnet", "regnet": {"depth": 13, "w0": 24, "wa": 36.0, "wm": 2.5,
+                                                           "group_width": 8}})
+    stages = regnet_stages(13, 24, 36.0, 2.5, 8)
+    assert stages.num_stages == 4
+    assert [backbone.out_channels[f"c{i + 2}"] for i in range(4)] == stages.widths
+
+
+# ------------------------------------------------------------------------------------------ EfficientNet
+@pytest.mark.parametrize("name", sorted(NAMED))
+def test_efficientnet_matches_torchvision(name):
+    with torch.device("meta"):
+        tv = getattr(torchvision.models, name)(weights=None)
+        mine = build_classifier(name)
+    assert sum(p.numel() for p in mine.parameters()) == sum(p.numel() for p in tv.parameters())
+    assert {k: v.shape for k, v in mine.state_dict().items()} == {k: v.shape for k, v in tv.state_dict().items()}
+    tv_bn = next(m for m in tv.modules() if isinstance(m, nn.BatchNorm2d))
+    my_bn = next(m for m in mine.modules() if isinstance(m, nn.BatchNorm2d))
+    assert (tv_bn.eps, tv_bn.momentum) == (my_bn.eps, my_bn.momentum)
+
+
+def test_compound_scaling():
+    assert compound_scaling(0) == (1.0, 1.0, 224)
+    width, depth, res = compound_scaling(1.0)
+    assert (width, depth) == pytest.approx((1.1, 1.2)) and res == 256  # 224 * 1.15 = 257.6 -> multiple of 32
+    assert 1.2 * 1.1**2 * 1.15**2 == pytest.approx(2.0, abs=0.1)
+    b = build_backbone({"name": "efficientnet", "efficientnet": {"phi": 2.0}})
+    assert b.recommended_resolution == compound_scaling(2.0)[2]
+    base = build_backbone({"name": "efficientnet", "efficientnet": {"phi": 0.0}})
+    assert b.out_channels["c5"] > base.out_channels["c5"]  # wider
+
+
+def test_every_registered_preset_builds_on_meta():
+    for name in list_backbones():
+        with torch.device("meta"):
+            b = build_backbone(name)
+        assert b.strides == {"c2": 4, "c3": 8, "c4": 16, "c5": 32}, name

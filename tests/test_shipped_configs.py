@@ -1,0 +1,34 @@
+"""Every shipped config loads, and its backbone and neck build and run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+from detkit.backbones import build_backbone
+from detkit.config import load_config
+from detkit.necks import build_neck
+
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "_base_" not in p.parts)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT)) for p in CONFIGS])
+def test_shipped_config_builds(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # relative paths in configs are relative to the working directory
+    cfg = load_config(path)
+    pretrained = cfg.model.backbone.pretrained
+    if pretrained and not Path(pretrained).exists():
+        pytest.skip(f"{pretrained} not available")
+    backbone = build_backbone(cfg.model.backbone).eval()
+    neck = build_neck(cfg.model.neck, backbone.out_channels, backbone.strides)
+    with torch.no_grad():
+        feats = backbone(torch.randn(1, 3, 96, 96))
+        out = neck.eval()(feats) if neck is not None else feats
+    assert list(out) == (list(cfg.model.neck.levels) if neck is not None else list(cfg.model.backbone.out_levels))
+
+
+def test_examples_exist():
+    assert len(CONFIGS) >= 3
