@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from detkit import __version__
 from detkit.errors import DetkitError
@@ -57,6 +58,96 @@ def _backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_from_args(args: argparse.Namespace):
+    """(dataset config, full config) from either CONFIG [--split NAME] or --format/--images/--annotations."""
+    from detkit.config import load_config
+
+    if args.config:
+        if args.format:
+            raise DetkitError("give either CONFIG or --format/--images/--annotations, not both")
+        cfg = load_config(args.config, args.overrides)
+        split = args.split or "train"
+        if split not in ("train", "val", "test"):
+            raise DetkitError(f"--split {split!r}: with a config, expected train, val or test")
+        return cfg.data[split], cfg, f"data.{split}"
+    if not args.format or not args.images:
+        raise DetkitError("name a dataset: CONFIG [--split train|val|test], or --format F --images DIR "
+                          "[--annotations PATH] [--split FILE]")
+    classes = args.classes
+    if classes and not Path(classes).exists():
+        classes = [c.strip() for c in classes.split(",") if c.strip()]
+    cfg = load_config(None, args.overrides)
+    ds = {"format": args.format, "images": args.images, "annotations": args.annotations, "split": args.split,
+          "classes": classes, "label_suffix": args.label_suffix, "ignore_index": args.ignore_index, "name": None}
+    return ds, cfg, "--format"
+
+
+def _add_dataset_args(p: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        p.add_argument("config", nargs="?", help="a config (its data.<split> is used)")
+        p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    else:
+        p.set_defaults(config=None, overrides=[])
+    p.add_argument("--split", default=None, help="with CONFIG: train|val|test; with --format: a file of image ids")
+    p.add_argument("--format", choices=("coco", "voc", "yolo", "masks", "instance_masks"))
+    p.add_argument("--images", help="image folder")
+    p.add_argument("--annotations", help="annotation file (coco) or folder (voc, yolo, masks)")
+    p.add_argument("--classes", help="class names, comma-separated, or a YAML/text file")
+    p.add_argument("--label-suffix", default="", help="masks: <image stem><suffix>.png (PennFudan: _mask)")
+    p.add_argument("--ignore-index", type=int, default=255, help="masks: the label value not trained on")
+
+
+def _data_stats(args: argparse.Namespace) -> int:
+    from detkit.data.build import build_dataset
+    from detkit.data.stats import dataset_stats, format_stats
+
+    ds_cfg, _, key = _dataset_from_args(args)
+    logging.getLogger("detkit.data").setLevel(logging.ERROR)  # problems are part of the report
+    stats = dataset_stats(build_dataset(ds_cfg, with_masks=False, key=key), check_images=not args.no_check_images)
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0
+
+
+def _data_show(args: argparse.Namespace) -> int:
+    from detkit.data.build import build_dataset
+    from detkit.data.datamodule import backbone_normalization
+    from detkit.data.show import show_samples
+    from detkit.data.transforms import build_pipeline
+
+    ds_cfg, cfg, key = _dataset_from_args(args)
+    mean, std = backbone_normalization(cfg.model.backbone)
+    size = args.image_size or cfg.data.image_size
+    pipeline = build_pipeline(cfg.data.transforms.train, image_size=size, mean=mean, std=std, train=True,
+                              min_visibility=cfg.data.min_visibility, where="data.transforms.train")
+    dataset = build_dataset(ds_cfg, with_masks=True, key=key)
+    written = show_samples(dataset, pipeline, args.out, args.n, args.seed)
+    print(f"wrote {len(written)} images to {args.out}")
+    return 0
+
+
+def _data_convert(args: argparse.Namespace) -> int:
+    from detkit.data.build import build_dataset
+    from detkit.data.convert import to_coco
+
+    if args.to != "coco":
+        raise DetkitError(f"--to {args.to!r}: only coco is supported")
+    if args.format not in ("voc", "yolo", "instance_masks", "coco"):
+        raise DetkitError(f"--format {args.format!r}: convert takes voc, yolo or instance_masks")
+    ds_cfg, _, key = _dataset_from_args(args)
+    counts = to_coco(build_dataset(ds_cfg, with_masks=False, key=key), args.out, args.images)
+    print(f"wrote {args.out}: {counts['images']} images, {counts['annotations']} annotations, "
+          f"{counts['categories']} categories")
+    return 0
+
+
+def _data_make_shapes(args: argparse.Namespace) -> int:
+    from detkit.data.shapes import make_shapes
+
+    counts = make_shapes(args.out, args.num_images, args.image_size, args.seed)
+    print(f"wrote {args.out}: {counts['train']} train + {counts['val']} val images (see {args.out}/dataset.yaml)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detkit", description="Detection and segmentation on swappable backbones.")
     parser.add_argument("--version", action="version", version=f"detkit {__version__}")
@@ -79,6 +170,32 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--filter", default=None, metavar="REGEX", help="only names matching this regular expression")
     bb.add_argument("--format", choices=("table", "json", "csv"), default="table")
     bb.set_defaults(func=_backbones)
+
+    data = sub.add_parser("data", help="datasets: statistics, drawings, conversion, the shapes dataset")
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    stats = data_sub.add_parser("stats", help="images, instances per class, box sizes and problems of a dataset")
+    _add_dataset_args(stats)
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+    stats.add_argument("--no-check-images", action="store_true", help="do not decode every image")
+    stats.set_defaults(func=_data_stats)
+    show = data_sub.add_parser("show", help="draw ground truth on samples after the train transforms")
+    _add_dataset_args(show)
+    show.add_argument("--out", required=True, help="folder for the PNGs")
+    show.add_argument("-n", type=int, default=16, help="number of samples (default 16)")
+    show.add_argument("--image-size", type=int, default=None, help="default: data.image_size")
+    show.add_argument("--seed", type=int, default=0)
+    show.set_defaults(func=_data_show)
+    convert = data_sub.add_parser("convert", help="write a voc / yolo / instance_masks dataset as COCO JSON")
+    _add_dataset_args(convert, config=False)
+    convert.add_argument("--to", default="coco", help="target format (coco)")
+    convert.add_argument("out", help="the COCO JSON file to write")
+    convert.set_defaults(func=_data_convert)
+    shapes = data_sub.add_parser("make-shapes", help="write the generated shapes dataset (COCO JSON + masks)")
+    shapes.add_argument("out", help="output folder")
+    shapes.add_argument("--num-images", type=int, default=240, help="train + val images (default 240)")
+    shapes.add_argument("--image-size", type=int, default=128, help="square image size (default 128)")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.set_defaults(func=_data_make_shapes)
     return parser
 
 

@@ -11,3 +11,7 @@ class ConfigError(DetkitError):
 
 class PretrainedError(DetkitError):
     """Pretrained weights cannot be found, read or loaded."""
+
+
+class DataError(DetkitError):
+    """A dataset file (image, annotation, mask, split) is missing, malformed or refused."""

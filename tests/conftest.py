@@ -31,3 +31,21 @@ def write_yaml(tmp_path):
         return path
 
     return write
+
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    """The generated shapes dataset (small), made once per test session."""
+    from detkit.data.shapes import make_shapes
+
+    out = tmp_path_factory.mktemp("shapes")
+    make_shapes(out, num_images=36, image_size=96, seed=3)
+    return out
+
+
+def shapes_cfg(root, split="train"):
+    return {"format": "coco", "images": str(root / "images" / split),
+            "annotations": str(root / "annotations" / f"instances_{split}.json")}

@@ -85,11 +85,25 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
+    """One dataset. ``classes``: a list of names, a mapping {id: name}, or a YAML/text file of names."""
+
     format: str | None = choice(None, None, "coco", "voc", "yolo", "masks", "instance_masks")
     images: str | None = None
     annotations: str | None = None
     split: str | None = None
-    classes: list[str] | None = None
+    classes: Any = None
+    name: str | None = None
+    label_suffix: str = ""  # masks / instance_masks: <image stem><label_suffix>.png (PennFudan: "_mask")
+    ignore_index: int = 255  # masks: the label value of unlabeled pixels in the files
+
+
+@dataclass
+class TransformsConfig:
+    """A preset name (``train``, ``val``, ``none``) or a list of albumentations transforms
+    (``{name: HorizontalFlip, p: 0.5}``)."""
+
+    train: Any = "train"
+    val: Any = "val"
 
 
 @dataclass
@@ -100,6 +114,12 @@ class DataConfig:
     image_size: int = 512
     batch_size: int = 4
     num_workers: int = 2
+    transforms: TransformsConfig = field(default_factory=TransformsConfig)
+    resize: str = choice("letterbox", "letterbox", "stretch")  # eval: keep aspect (longest side) or stretch
+    min_visibility: float = 0.3  # train: boxes keeping less of their area after a crop are dropped
+    aspect_ratio_grouping: bool = False
+    size_divisor: int = 32  # batches are padded to a multiple of this
+    with_masks: bool | None = None  # decode instance masks (default: when the head needs them)
 
 
 @dataclass

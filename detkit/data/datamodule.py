@@ -1,0 +1,143 @@
+"""The LightningDataModule built from ``data.*``: datasets, pipelines, loaders, samplers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Sampler
+
+from detkit.data.build import build_dataset
+from detkit.data.collate import Collate
+from detkit.data.dataset import DetectionDataset
+from detkit.data.transforms import Normalizer, build_pipeline
+
+MASK_HEADS = ("mask_rcnn",)
+
+
+def backbone_normalization(backbone_cfg: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std the configured backbone's weights expect (built on the meta device: no cost)."""
+    from omegaconf import OmegaConf
+
+    from detkit.backbones import build_backbone
+
+    if OmegaConf.is_config(backbone_cfg):
+        data = OmegaConf.to_container(backbone_cfg, resolve=True)
+    else:
+        data = dict(backbone_cfg)
+    data["pretrained"] = None  # normalisation is a property of the architecture's weights family, not the file
+    with torch.device("meta"):
+        backbone = build_backbone(data)
+    return tuple(backbone.mean), tuple(backbone.std)
+
+
+def aspect_groups(dataset: DetectionDataset) -> np.ndarray:
+    """0 for landscape (w >= h), 1 for portrait images."""
+    groups = []
+    for r in dataset.records:
+        w, h = r.width, r.height
+        if w is None or h is None:
+            with Image.open(r.file) as im:
+                w, h = im.size
+        groups.append(0 if w >= h else 1)
+    return np.asarray(groups, np.int64)
+
+
+class GroupedSampler(Sampler[int]):
+    """A shuffled order in which every run of ``chunk`` consecutive indices shares one aspect group.
+
+    With DDP, Lightning hands rank ``r`` the indices ``r, r + world, ...`` of this order; with
+    ``chunk = batch_size * world_size`` every rank's batches then stay within one group. The order is
+    reshuffled (identically on every rank) at each pass. Each group's last chunk is completed with repeats
+    from the same group, so a few images may be seen twice per epoch.
+    """
+
+    def __init__(self, groups: np.ndarray, chunk: int, seed: int = 0) -> None:
+        self.groups, self.chunk, self.seed, self.epoch = np.asarray(groups), int(chunk), int(seed), 0
+
+    def __len__(self) -> int:
+        return sum(-(-int(n) // self.chunk) * self.chunk for n in np.bincount(self.groups) if n)
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed + self.epoch)
+        self.epoch += 1
+        chunks = []
+        for g in np.unique(self.groups):
+            idx = rng.permutation(np.nonzero(self.groups == g)[0])
+            short = -len(idx) % self.chunk  # complete the last chunk with repeats, so chunks stay aligned
+            idx = np.concatenate([idx, rng.choice(idx, short, replace=short > len(idx))])
+            chunks += [idx[i:i + self.chunk] for i in range(0, len(idx), self.chunk)]
+        order = rng.permutation(len(chunks))
+        return iter(int(i) for c in order for i in chunks[c])
+
+
+class DetDataModule(L.LightningDataModule):
+    """Datasets of ``data.train/val/test`` with their pipelines; ``classes`` from the train set.
+
+    Batches hold uint8 images (4x less to copy from the workers); ``normalizer`` (the backbone's mean/std)
+    turns them into the float input of the model on its device.
+    """
+
+    def __init__(self, cfg: Any, mean: tuple | None = None, std: tuple | None = None,
+                 with_masks: bool | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        if mean is None or std is None:
+            mean, std = backbone_normalization(cfg.model.backbone)
+        self.mean, self.std = mean, std
+        if with_masks is None:
+            with_masks = cfg.data.with_masks if cfg.data.with_masks is not None else cfg.model.head.name in MASK_HEADS
+        self.with_masks = bool(with_masks)
+        self.normalizer = Normalizer(mean, std)  # batches are uint8: normalise them on the device with this
+        self.datasets: dict[str, DetectionDataset] = {}
+        self.collate = Collate(cfg.data.size_divisor)
+
+    def dataset(self, split: str) -> DetectionDataset | None:
+        if split not in self.datasets and self.cfg.data[split].format is not None:
+            d = self.cfg.data
+            train = split == "train"
+            pipeline = build_pipeline(d.transforms.train if train else d.transforms.val, image_size=d.image_size,
+                                      mean=self.mean, std=self.std, train=train, resize=d.resize,
+                                      min_visibility=d.min_visibility, normalize=False,
+                                      where=f"data.transforms.{'train' if train else 'val'}")
+            self.datasets[split] = build_dataset(d[split], transform=pipeline, with_masks=self.with_masks,
+                                                 key=f"data.{split}")
+        return self.datasets.get(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in splits.get(stage or "fit", ("train", "val")):
+            self.dataset(split)
+
+    @property
+    def classes(self) -> list[str]:
+        ds = self.dataset("train") or self.dataset("val") or self.dataset("test")
+        return list(ds.classes) if ds is not None else []
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        ds = self.dataset(split)
+        if ds is None:
+            raise ValueError(f"data.{split} is not configured")
+        d = self.cfg.data
+        kwargs: dict[str, Any] = dict(batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=self.collate,
+                                      persistent_workers=d.num_workers > 0, pin_memory=torch.cuda.is_available())
+        if shuffle and d.aspect_ratio_grouping:
+            world = self.trainer.world_size if self.trainer is not None else 1
+            kwargs["sampler"] = GroupedSampler(aspect_groups(ds), d.batch_size * world, seed=int(self.cfg.seed))
+        else:
+            kwargs["shuffle"] = shuffle
+        return DataLoader(ds, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+

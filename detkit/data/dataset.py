@@ -1,0 +1,275 @@
+"""What every dataset reader shares: the sample format, class maps, problem counting, and image loading.
+
+A reader parses its annotations once, into :class:`Record` objects (no pixels), repairing what can be
+repaired and counting every repair in :class:`Problems`; :meth:`DetectionDataset.load` then reads one image
+(and its masks) into a *sample*:
+
+``image``      H x W x 3 uint8 RGB
+``boxes``      N x 4 float32, xyxy in pixels
+``labels``     N int64, contiguous 1..K (0 is background)
+``iscrowd``    N bool (kept, not trained on; evaluation respects it)
+``difficult``  N bool (VOC)
+``masks``      N x H x W uint8, optional (instance segmentation)
+``semantic``   H x W int64, optional (class index 0..K-1, 255 where unlabeled)
+``image_id``, ``orig_size`` (h, w), ``file``
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from detkit.errors import DataError
+
+log = logging.getLogger("detkit.data")
+
+SEMANTIC_IGNORE = 255  # the value of unlabeled pixels in every semantic sample (class indices are 0..K-1)
+CLIP_TOLERANCE = 1.0  # pixels a box may overshoot the image before its clipping is counted as a repair
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class Record:
+    """One image's annotations, parsed (no pixels)."""
+
+    image_id: int
+    file: Path
+    width: int | None = None
+    height: int | None = None
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    iscrowd: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
+    difficult: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
+    segmentations: list | None = None  # per instance: COCO polygons / RLE, in pixels
+    mask_file: Path | None = None  # instance-id PNG or semantic index PNG
+    source: Path | None = None  # the annotation file this record came from (for messages)
+    ann_ids: list[int] = field(default_factory=list)
+
+
+class Problems:
+    """Counts repairs and problems of one dataset, and reports them once, in one line.
+
+    ``add(kind, file)`` counts one occurrence in one image: ``raccoon: 3 boxes clipped, 1 box dropped
+    (zero area) in 2 images``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.counts: Counter[str] = Counter()
+        self.files: dict[str, list[str]] = defaultdict(list)
+
+    def add(self, kind: str, file: str | Path | None = None, n: int = 1) -> None:
+        self.counts[kind] += n
+        if file is not None:
+            self.files[kind].append(str(file))
+
+    def __bool__(self) -> bool:
+        return bool(self.counts)
+
+    def images(self) -> int:
+        return len({f for files in self.files.values() for f in files})
+
+    def summary(self) -> str:
+        parts = [f"{n} {kind}" for kind, n in self.counts.most_common()]
+        where = f" in {self.images()} images" if self.files else ""
+        return f"{self.name}: {', '.join(parts)}{where}"
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return {kind: {"count": n, "examples": self.files.get(kind, [])[:5]} for kind, n in self.counts.items()}
+
+    def report(self) -> None:
+        if self.counts:
+            log.warning(self.summary())
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read an image as H x W x 3 uint8 RGB; a missing, corrupt or truncated file raises :class:`DataError`."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """Read an index/instance-id PNG as H x W integers (palette indices, not colours)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise DataError(f"{path}: expected a single-channel index PNG, got mode {im.mode}")
+            return np.asarray(im).astype(np.int64)
+    except FileNotFoundError:
+        raise DataError(f"{path}: mask file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot decode mask ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+
+
+def safe_join(root: Path, name: str, what: str = "file_name") -> Path:
+    """``root / name``, refusing names that escape ``root`` (``../../x.jpg``, absolute paths)."""
+    root_resolved = root.resolve()
+    path = (root / name).resolve()
+    if os.path.isabs(name) or not path.is_relative_to(root_resolved):
+        raise DataError(f"{what} {name!r} escapes the image folder {root}: refused")
+    return root / name
+
+
+def list_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"image folder not found: {folder}")
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def read_split(path: str | Path | None) -> list[str] | None:
+    """A split file: one image id / file stem per line (``#`` comments and blank lines ignored)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"split file not found: {path}")
+    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not ids:
+        raise DataError(f"{path}: split file lists no images")
+    return ids
+
+
+def resolve_classes(value: Any) -> tuple[list[str], list[Any]] | None:
+    """Class names and their original ids from config: a list of names (ids = positions), a mapping
+    ``{id: name}``, or a path to a YAML file (with ``names:`` or ``classes:``) or a text file (one name a line).
+    """
+    if value is None:
+        return None
+    if isinstance(value, str | os.PathLike):
+        path = Path(value)
+        if not path.is_file():
+            raise DataError(f"classes file not found: {path}")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(path.read_text())
+            data = data.get("names", data.get("classes")) if isinstance(data, dict) else data
+            if data is None:
+                raise DataError(f"{path}: no 'names' or 'classes' key")
+            return resolve_classes(data)
+        return resolve_classes([line.strip() for line in path.read_text().splitlines() if line.strip()])
+    if isinstance(value, Mapping):
+        items = sorted(((int(k) if str(k).lstrip("-").isdigit() else k), str(v)) for k, v in value.items())
+        return [name for _, name in items], [k for k, _ in items]
+    if isinstance(value, Sequence):
+        names = [str(v) for v in value]
+        if len(set(names)) != len(names):
+            raise DataError(f"classes list has duplicates: {names}")
+        return names, list(range(len(names)))
+    raise DataError(f"classes: expected a list, a mapping or a file, got {type(value).__name__}")
+
+
+class DetectionDataset(Dataset):
+    """Base of all readers. Subclasses fill ``records``, ``classes`` and ``cat_ids`` in ``__init__``.
+
+    ``classes[i]`` is the name of contiguous label ``i + 1`` and ``cat_ids[i]`` its id in the dataset's own
+    annotations (COCO category id, VOC name, YOLO class index), so predictions can be written back.
+    ``transform`` (optional) maps a sample to a sample (see :mod:`detkit.data.transforms`).
+    """
+
+    task = "detection"
+    ignore_index: int = 255
+
+    def __init__(self, name: str, transform=None) -> None:
+        self.name = name
+        self.transform = transform
+        self.records: list[Record] = []
+        self.classes: list[str] = []
+        self.cat_ids: list[Any] = []
+        self.problems = Problems(name)
+
+    # ---- class maps
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def label_to_cat(self, label: int) -> Any:
+        return self.cat_ids[int(label) - 1]
+
+    def cat_to_label(self) -> dict[Any, int]:
+        return {c: i + 1 for i, c in enumerate(self.cat_ids)}
+
+    # ---- boxes
+    def clean_boxes(self, boxes: np.ndarray, width: int | None, height: int | None, file: Path) -> np.ndarray:
+        """Keep-mask of valid boxes; clips boxes to the image in place. Every repair is counted."""
+        keep = np.ones(len(boxes), bool)
+        for i, (x1, y1, x2, y2) in enumerate(boxes):
+            if not np.all(np.isfinite(boxes[i])):
+                self.problems.add("boxes dropped (not finite)", file)
+                keep[i] = False
+                continue
+            if x2 < x1 or y2 < y1:
+                self.problems.add("boxes dropped (x2 < x1 or y2 < y1)", file)
+                keep[i] = False
+                continue
+            if width is not None and height is not None:
+                if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+                    self.problems.add("boxes dropped (outside the image)", file)
+                    keep[i] = False
+                    continue
+                clipped = np.clip(boxes[i], 0, [width, height, width, height])
+                if np.abs(clipped - boxes[i]).max() > CLIP_TOLERANCE:  # sub-pixel overshoot is rounding, not a problem
+                    self.problems.add("boxes clipped", file)
+                boxes[i] = clipped
+                x1, y1, x2, y2 = boxes[i]
+            if x2 - x1 <= 0 or y2 - y1 <= 0:
+                self.problems.add("boxes dropped (zero area)", file)
+                keep[i] = False
+        return keep
+
+    # ---- samples
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, index: int) -> dict[str, Any]:
+        """The raw sample of record ``index`` (no transform). Raises :class:`DataError` for a bad image."""
+        r = self.records[index]
+        image = read_image(r.file)
+        h, w = image.shape[:2]
+        sample: dict[str, Any] = {
+            "image": image,
+            "boxes": r.boxes.copy(),
+            "labels": r.labels.copy(),
+            "iscrowd": r.iscrowd.copy(),
+            "difficult": r.difficult.copy(),
+            "image_id": r.image_id,
+            "orig_size": (h, w),
+            "file": str(r.file),
+        }
+        if r.width is not None and (r.width, r.height) != (w, h):
+            raise DataError(f"{r.file}: image is {w}x{h} but {r.source or 'its annotation'} says {r.width}x{r.height}")
+        self.add_masks(sample, r)
+        return sample
+
+    def add_masks(self, sample: dict[str, Any], record: Record) -> None:
+        """Subclasses with masks add ``masks`` and/or ``semantic``."""
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        """A transformed sample, or ``None`` for an image that cannot be read (the collate counts it)."""
+        try:
+            sample = self.load(index)
+        except DataError as e:
+            log.warning("skipping %s", e)
+            return {"skipped": str(e)}
+        return self.transform(sample) if self.transform is not None else sample
+
+    def describe(self) -> str:
+        return f"{self.name}: {len(self)} images, {self.num_classes} classes"

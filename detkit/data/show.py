@@ -1,0 +1,41 @@
+"""``detkit data show``: ground truth drawn on samples after the train transforms (what the model sees)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from detkit.data.dataset import DetectionDataset
+from detkit.data.transforms import Pipeline
+from detkit.inference.draw import draw_detections, draw_semantic
+
+
+def denormalize(image, mean, std) -> np.ndarray:
+    """A normalized 3 x H x W tensor back to H x W x 3 uint8."""
+    arr = image.numpy().transpose(1, 2, 0) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+    return np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def show_samples(dataset: DetectionDataset, pipeline: Pipeline, out: str | Path, n: int = 16,
+                 seed: int = 0) -> list[Path]:
+    """Draw ``n`` random samples (after ``pipeline``) into ``out`` as PNG; returns the files written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    indices = rng.choice(len(dataset), size=min(n, len(dataset)), replace=False)
+    mean, std = pipeline.mean / 255.0, pipeline.std / 255.0
+    written = []
+    for i in indices:
+        sample = pipeline(dataset.load(int(i)))
+        image = denormalize(sample["image"], mean, std)
+        if "semantic" in sample:
+            drawn = draw_semantic(image, sample["semantic"].numpy(), dataset.classes)
+        else:
+            masks = sample["masks"].numpy() if "masks" in sample else None
+            drawn = draw_detections(image, sample["boxes"].numpy(), sample["labels"].tolist(), dataset.classes,
+                                    masks=masks)
+        path = out / f"{Path(sample['file']).stem}.png"
+        drawn.save(path)
+        written.append(path)
+    return written
