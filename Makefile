@@ -15,7 +15,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
+# The demo, for now: the generated shapes dataset (made once), its statistics, what the model will see,
+# and the backbone table. The detection issue replaces this with train -> eval -> predict.
 demo: $(STAMP)
+	@test -f data/shapes/annotations/instances_val.json || $(VENV)/bin/detkit data make-shapes data/shapes
+	$(VENV)/bin/detkit data stats configs/_base_/data/shapes.yaml --split train
+	$(VENV)/bin/detkit data show configs/_base_/data/shapes.yaml --out runs/demo/data-show -n 8
 	$(VENV)/bin/detkit backbones
 
 test: $(STAMP)

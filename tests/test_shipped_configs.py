@@ -32,3 +32,23 @@ def test_shipped_config_builds(path, monkeypatch):
 
 def test_examples_exist():
     assert len(CONFIGS) >= 3
+
+
+DATA_CONFIGS = sorted((ROOT / "configs/_base_/data").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", DATA_CONFIGS, ids=[p.stem for p in DATA_CONFIGS])
+def test_data_configs_build_their_datasets(path, monkeypatch, shapes_dir):
+    from detkit.data.build import build_dataset
+
+    monkeypatch.chdir(ROOT)
+    overrides = []
+    if path.stem == "shapes":
+        overrides = [f"data.{s}.{k}={shapes_dir}/{v}" for s in ("train", "val")
+                     for k, v in (("images", f"images/{s}"), ("annotations", f"annotations/instances_{s}.json"))]
+    cfg = load_config(path, overrides)
+    if not Path(cfg.data.val.images).exists():
+        pytest.skip(f"{cfg.data.val.images} not available")
+    ds = build_dataset(cfg.data.val, key="data.val")
+    assert len(ds) > 0 and ds.num_classes == cfg.model.num_classes
+    assert ds.name.endswith("-val")
