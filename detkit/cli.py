@@ -148,6 +148,16 @@ def _data_make_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detkit", description="Detection and segmentation on swappable backbones.")
     parser.add_argument("--version", action="version", version=f"detkit {__version__}")
@@ -164,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     bb = sub.add_parser("backbones", help="list backbones with params, FLOPs, activations, channels and strides")
     bb.add_argument("names", nargs="*", help="backbones to describe (default: every registered one; "
                                              "'timm:<model>' works too)")
-    bb.add_argument("--input-size", type=int, default=224, help="square input size (default 224)")
+    bb.add_argument("--input-size", type=positive_int, default=224, help="square input size (default 224)")
     bb.add_argument("--imagenet", action="store_true",
                     help="count the ImageNet classification network (1000-class head) instead of the backbone")
     bb.add_argument("--filter", default=None, metavar="REGEX", help="only names matching this regular expression")
@@ -181,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = data_sub.add_parser("show", help="draw ground truth on samples after the train transforms")
     _add_dataset_args(show)
     show.add_argument("--out", required=True, help="folder for the PNGs")
-    show.add_argument("-n", type=int, default=16, help="number of samples (default 16)")
-    show.add_argument("--image-size", type=int, default=None, help="default: data.image_size")
+    show.add_argument("-n", type=positive_int, default=16, help="number of samples (default 16)")
+    show.add_argument("--image-size", type=positive_int, default=None, help="default: data.image_size")
     show.add_argument("--seed", type=int, default=0)
     show.set_defaults(func=_data_show)
     convert = data_sub.add_parser("convert", help="write a voc / yolo / instance_masks dataset as COCO JSON")
@@ -192,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=_data_convert)
     shapes = data_sub.add_parser("make-shapes", help="write the generated shapes dataset (COCO JSON + masks)")
     shapes.add_argument("out", help="output folder")
-    shapes.add_argument("--num-images", type=int, default=240, help="train + val images (default 240)")
-    shapes.add_argument("--image-size", type=int, default=128, help="square image size (default 128)")
+    shapes.add_argument("--num-images", type=positive_int, default=240, help="train + val images (default 240)")
+    shapes.add_argument("--image-size", type=positive_int, default=128, help="square image size (default 128)")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.set_defaults(func=_data_make_shapes)
     return parser
@@ -210,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except DetkitError as e:
         print(f"detkit: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an output path under a file, a full disk, no permission ...
+        print(f"detkit: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("detkit: interrupted", file=sys.stderr)

@@ -194,3 +194,19 @@ def test_every_registered_preset_builds_on_meta():
         with torch.device("meta"):
             b = build_backbone(name)
         assert b.strides == {"c2": 4, "c3": 8, "c4": 16, "c5": 32}, name
+
+
+def test_timm_frozen_stages_for_nested_blocks():
+    backbone = build_backbone("timm:tf_efficientnet_lite0", frozen_stages=2)
+    frozen = {id(p) for m in backbone._frozen for p in m.parameters()}
+    assert frozen and all(not p.requires_grad for m in backbone._frozen for p in m.parameters())
+    # conv_stem .. blocks.1 (c1, c2) are frozen; later blocks train
+    assert not backbone.network.conv_stem.weight.requires_grad
+    assert backbone.network.blocks[2][0].conv_pwl.weight.requires_grad
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"w0": 4}, "w0 >= 8"), ({"group_width": 0}, "g >= 1"), ({"bottleneck_ratio": 0}, "b > 0")])
+def test_regnet_invalid_design_points(params, message):
+    with pytest.raises(ConfigError, match=message):
+        build_backbone({"name": "regnet", "regnet": params})

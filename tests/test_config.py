@@ -144,3 +144,20 @@ def test_cli_config_show_and_one_line_errors(write_yaml):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "expected int" in out.stderr
 
+
+
+def test_container_type_mismatch_and_non_utf8(write_yaml, tmp_path):
+    path = write_yaml("x.yaml", "model:\n  backbone:\n    out_levels: {a: 1}\n")
+    with pytest.raises(ConfigError, match="x.yaml"):
+        load_config(path)
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml: not UTF-8 text"):
+        load_config(bad)
+
+
+def test_choices_checked_after_interpolation(write_yaml):
+    path = write_yaml("i.yaml", "data:\n  resize: ${data.train.name}\n  train: {name: stretch}\n")
+    assert load_config(path).data.resize == "stretch"
+    with pytest.raises(ConfigError, match="'data.resize' = 'squash': expected one of letterbox, stretch"):
+        load_config(path, ["data.train.name=squash"])

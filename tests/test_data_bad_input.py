@@ -190,3 +190,37 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [f"detkit: error: {ann}: malformed JSON (line 1, column 2: "
                                                "Expecting property name enclosed in double quotes)"]
+
+
+def test_symlinked_images_are_fine_and_duplicate_ids_are_refused(tmp_path):
+    cfg = _coco(tmp_path, {"x.png": (50, 40)}, [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}])
+    elsewhere = tmp_path / "elsewhere.png"
+    (tmp_path / "imgs/x.png").rename(elsewhere)
+    (tmp_path / "imgs/x.png").symlink_to(elsewhere)
+    ds = build_dataset(cfg)
+    assert len(ds) == 1 and ds.load(0)["image"].shape == (40, 50, 3)
+    data = json.loads(open(cfg["annotations"]).read())
+    data["images"].append(dict(data["images"][0]))
+    open(cfg["annotations"], "w").write(json.dumps(data))
+    with pytest.raises(DataError, match="image id 1 is repeated"):
+        build_dataset(cfg)
+
+
+def test_malformed_coco_entries_are_counted_or_skipped(tmp_path):
+    cfg = _coco(tmp_path, {"x.png": (50, 40)}, [
+        {"image_id": 1, "category_id": 1, "bbox": ["a", 1, 5, 5]},
+        {"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5], "segmentation": [["p", "q", "r", "s", "t", "u"]]},
+    ])
+    ds = build_dataset(cfg)
+    assert ds.problems.counts["annotations dropped (no valid bbox)"] == 1
+    with pytest.raises(DataError, match="x.png: annotation 2: bad segmentation"):
+        ds.load(0)
+    assert "skipped" in ds[0]
+
+
+def test_non_utf8_annotation_files(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    ann = tmp_path / "latin1.json"
+    ann.write_bytes('{"images": [], "categories": [{"id": 1, "name": "caf\xe9"}]}'.encode("latin-1"))
+    with pytest.raises(DataError, match="latin1.json: not UTF-8 text"):
+        build_dataset({"format": "coco", "images": str(tmp_path / "imgs"), "annotations": str(ann)})

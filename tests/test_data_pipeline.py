@@ -227,3 +227,14 @@ def test_cli_stats_json_and_show(shapes_dir, tmp_path, capsys):
     assert Image.open(pngs[0]).size == (64, 64)
     assert main(["data", "make-shapes", str(tmp_path / "s"), "--num-images", "6", "--image-size", "48"]) == 0
     assert (tmp_path / "s/annotations/instances_train.json").is_file()
+
+
+def test_convert_coco_with_rle_to_coco(tmp_path):
+    root = shared_path("datasets", "coco128")
+    assert main(["data", "convert", "--format", "coco", "--images", str(root / "images/val2017"), "--annotations",
+                 str(root / "annotations/instances_val2017.json"), "--to", "coco", str(tmp_path / "c.json")]) == 0
+    a = build_dataset({"format": "coco", "images": str(root / "images/val2017"),
+                       "annotations": str(root / "annotations/instances_val2017.json")})
+    b = build_dataset({"format": "coco", "images": str(root / "images/val2017"),
+                       "annotations": str(tmp_path / "c.json")})
+    assert np.array_equal(a.load(0)["masks"], b.load(0)["masks"])

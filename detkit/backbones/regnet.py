@@ -39,10 +39,10 @@ class RegNetStages:
 
 def quantized_linear_widths(depth: int, w0: float, wa: float, wm: float, q: int = WIDTH_QUANTUM) -> list[int]:
     """Per-block widths of the quantized linear rule (before group-width compatibility)."""
-    if depth < 1 or w0 <= 0 or wa < 0 or wm <= 1:
+    if depth < 1 or w0 < q or wa < 0 or wm <= 1:
         raise ConfigError(
             f"model.backbone.regnet: invalid design point depth={depth}, w0={w0}, wa={wa}, wm={wm} "
-            f"(need depth >= 1, w0 > 0, wa >= 0, wm > 1)"
+            f"(need depth >= 1, w0 >= {q}, wa >= 0, wm > 1)"
         )
     widths = []
     for j in range(depth):
@@ -72,6 +72,9 @@ def compatible_widths(widths: list[int], group_widths: list[int], ratios: list[f
 def regnet_stages(depth: int, w0: float, wa: float, wm: float, group_width: int, bottleneck_ratio: float = 1.0,
                   se_ratio: float = 0.0) -> RegNetStages:
     """Stages (depths, widths, groups) of the RegNet design point ``(d, w0, wa, wm, g, b)``."""
+    if group_width < 1 or bottleneck_ratio <= 0 or se_ratio < 0:
+        raise ConfigError(f"model.backbone.regnet: invalid group_width={group_width}, bottleneck_ratio="
+                          f"{bottleneck_ratio}, se_ratio={se_ratio} (need g >= 1, b > 0, se >= 0)")
     block_widths = quantized_linear_widths(depth, w0, wa, wm)
     depths: list[int] = []
     widths: list[int] = []

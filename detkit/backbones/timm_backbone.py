@@ -116,11 +116,18 @@ class TimmBackbone(nn.Module):
         if n == 0:
             return []
         info = self.network.feature_info  # FeatureInfo keeps every level; index n-1 is the n-th
-        target = str(info.module_name(n - 1)).replace(".", "_")  # timm flattens 'blocks.1' into 'blocks_1'
+        module = str(info.module_name(n - 1))
         children = list(self.network.named_children())
         names = [name for name, _ in children]
+        top = module.split(".")[0]
+        target = module.replace(".", "_") if module.replace(".", "_") in names else top  # flattened or nested
         if target in names:
             children = children[: names.index(target) + 1]
+            if target == top and module != top:  # freeze the nested stages up to `module`, not the whole `top`
+                parent = self.network.get_submodule(top)
+                index = int(module.split(".")[1])
+                partial = [m for i, (_, m) in enumerate(parent.named_children()) if i <= index]
+                children = children[:-1] + [(f"{top}.{i}", m) for i, m in enumerate(partial)]
         elif n - 1 <= max(self.levels.index(lvl) for lvl in self.out_levels):
             raise ConfigError(f"model.backbone.frozen_stages = {n}: cannot find module {target!r} in {self.name}")
         for _, child in children:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import typing
+import warnings
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -31,9 +32,11 @@ def _now(fmt: str = "%Y%m%d-%H%M%S") -> str:
     return datetime.now().strftime(fmt)
 
 
-# ``${now:FORMAT}``: the time the config was loaded (omegaconf >= 2.4 renamed the registration function).
-_register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
-_register("now", _now, replace=True, use_cache=True)
+# ``${now:FORMAT}``: the time the config was loaded. register_new_resolver exists in omegaconf 2.1-2.4
+# (2.4 deprecates it in favour of a register_resolver whose 2.3 namesake has another signature).
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    OmegaConf.register_new_resolver("now", _now, replace=True, use_cache=True)
 
 
 def _schema() -> DictConfig:
@@ -47,6 +50,8 @@ def _read_yaml(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
@@ -165,7 +170,7 @@ def _check_choices(cfg: DictConfig, source: str) -> None:
             value = node._get_node(f.name)
             if isinstance(value, DictConfig):
                 walk(value, f"{prefix}{f.name}.")
-            elif "choices" in f.metadata:
+            elif "choices" in f.metadata and not OmegaConf.is_interpolation(node, f.name):
                 v = node[f.name]
                 if v not in f.metadata["choices"]:
                     allowed = ", ".join("null" if c is None else str(c) for c in f.metadata["choices"])
@@ -178,6 +183,8 @@ def _merge(cfg: DictConfig, data: dict, source: str, schema: DictConfig) -> Dict
     _check_keys(data, schema, source)
     try:
         merged: DictConfig = OmegaConf.merge(cfg, data)  # type: ignore[assignment]
+    except TypeError as e:  # e.g. a mapping where a list is expected
+        raise ConfigError(f"{source}: {str(e).splitlines()[0]} (check the types of the keys you set)") from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         value = getattr(e, "value", None)
@@ -210,6 +217,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None) or "?"
             raise ConfigError(f"config key '{key}': cannot resolve interpolation: {str(e).splitlines()[0]}") from None
+        _check_choices(cfg, "config")  # values that came from interpolations
     OmegaConf.set_readonly(cfg, False)
     return cfg
 

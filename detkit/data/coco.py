@@ -17,7 +17,10 @@ from detkit.errors import DataError
 def read_json(path: Path) -> Any:
     if not path.is_file():
         raise DataError(f"annotation file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():
         raise DataError(f"{path}: annotation file is empty")
     try:
@@ -93,10 +96,18 @@ class CocoDataset(DetectionDataset):
         anns_by_image: dict[int, list[dict]] = defaultdict(list)
         image_ids = set()
         for img in data["images"]:
-            if "id" not in img or "file_name" not in img:
+            if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
                 raise DataError(f"{self.ann_file}: an image entry lacks 'id' or 'file_name': {str(img)[:80]}")
+            if not isinstance(img["id"], int | str) or img["id"] in image_ids:
+                raise DataError(f"{self.ann_file}: image id {img['id']!r} is repeated or not a number/string")
+            for key in ("width", "height"):
+                if img.get(key) is not None and not isinstance(img[key], int):
+                    raise DataError(f"{self.ann_file}: image {img['id']!r} has {key} {img[key]!r} (not an int)")
             image_ids.add(img["id"])
         for ann in data.get("annotations", []):
+            if not isinstance(ann, dict):
+                self.problems.add("annotations dropped (not a mapping)")
+                continue
             if ann.get("image_id") not in image_ids:
                 self.problems.add(f"annotations dropped (unknown image id {ann.get('image_id')})")
                 continue
@@ -119,7 +130,8 @@ class CocoDataset(DetectionDataset):
                         self.problems.add(f"annotations dropped (unknown category id {cat})", file)
                     continue  # a category left out by `classes`: not a problem
                 bbox = ann.get("bbox")
-                if not isinstance(bbox, list) or len(bbox) != 4:
+                if not isinstance(bbox, list) or len(bbox) != 4 or not all(
+                        isinstance(v, int | float) and not isinstance(v, bool) for v in bbox):
                     self.problems.add("annotations dropped (no valid bbox)", file)
                     continue
                 x, y, w, h = (float(v) for v in bbox)
@@ -152,8 +164,10 @@ class CocoDataset(DetectionDataset):
             if seg:
                 try:
                     masks[i] = segmentation_to_mask(seg, h, w)
-                except DataError as e:
-                    raise DataError(f"{record.file}: annotation {record.ann_ids[i]}: {e}") from None
+                except Exception as e:  # malformed polygon / RLE: this image is skipped and counted
+                    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    raise DataError(f"{record.file}: annotation {record.ann_ids[i]}: bad segmentation ({reason})") \
+                        from None
             else:  # no segmentation: the box is the best mask we have
                 x1, y1, x2, y2 = np.round(record.boxes[i]).astype(int)
                 masks[i, y1:y2, x1:x2] = 1

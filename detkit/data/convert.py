@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,10 @@ def to_coco(dataset: DetectionDataset, out: str | Path, images_root: str | Path)
     YOLO-seg polygons are written as polygons, instance-mask PNGs as RLE, VOC ``difficult`` as a
     ``difficult`` flag on the annotation.
     """
-    root = Path(images_root).resolve()
+    root = Path(images_root)
     images, annotations = [], []
     for index, record in enumerate(dataset.records):
-        file = Path(record.file).resolve()
+        file = Path(record.file)
         width, height = record.width, record.height
         if width is None or height is None:
             from PIL import Image
@@ -30,7 +31,8 @@ def to_coco(dataset: DetectionDataset, out: str | Path, images_root: str | Path)
             with Image.open(file) as im:
                 width, height = im.size
         image_id = index + 1
-        images.append({"id": image_id, "file_name": str(file.relative_to(root)), "width": width, "height": height})
+        images.append({"id": image_id, "file_name": Path(os.path.relpath(file, root)).as_posix(), "width": width,
+                       "height": height})
         instance_masks = _instance_masks(record)
         for i, (box, label) in enumerate(zip(record.boxes, record.labels)):
             x1, y1, x2, y2 = (float(v) for v in box)
@@ -43,8 +45,9 @@ def to_coco(dataset: DetectionDataset, out: str | Path, images_root: str | Path)
                 rle = mask_utils.encode(np.asfortranarray(instance_masks[i]))
                 ann["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
                 ann["area"] = float(mask_utils.area(rle))
-            elif record.segmentations and record.segmentations[i] is not None:
-                ann["segmentation"] = [list(map(float, p)) for p in record.segmentations[i]]
+            elif record.segmentations and record.segmentations[i]:
+                seg = record.segmentations[i]
+                ann["segmentation"] = seg if isinstance(seg, dict) else [list(map(float, p)) for p in seg]
             annotations.append(ann)
     categories = [{"id": i + 1, "name": name, "original_id": _plain(orig)}
                   for i, (name, orig) in enumerate(zip(dataset.classes, dataset.cat_ids))]

@@ -23,6 +23,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from detkit.errors import DataError
+
 CLASSES = ("circle", "square", "triangle", "star")
 SPLITS = {"train": 0, "val": 1}
 
@@ -107,6 +109,10 @@ def render_image(rng: np.random.Generator, size: int, max_objects: int = 5):
 def make_shapes(out: str | Path, num_images: int = 240, image_size: int = 128, seed: int = 0,
                 val_fraction: float = 1 / 6) -> dict[str, int]:
     """Write the dataset; returns the number of images per split."""
+    if num_images < 2:
+        raise DataError(f"make-shapes: --num-images {num_images}: need at least 2 (train and val)")
+    if image_size < 32:
+        raise DataError(f"make-shapes: --image-size {image_size}: need at least 32 pixels")
     out = Path(out)
     num_val = max(1, round(num_images * val_fraction))
     counts = {"train": num_images - num_val, "val": num_val}

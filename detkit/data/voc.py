@@ -19,7 +19,7 @@ from detkit.errors import DataError
 
 def parse_voc_xml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes()  # bytes: the XML declaration's encoding is honoured
     except FileNotFoundError:
         raise DataError(f"annotation file not found: {path}") from None
     if not text.strip():

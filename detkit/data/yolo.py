@@ -31,14 +31,18 @@ def default_label_dir(images: Path) -> Path:
 def parse_yolo_txt(path: Path, width: int, height: int) -> list[tuple[int, list[float], list[float] | None]]:
     """``[(class id, xyxy box in pixels, polygon in pixels or None), ...]``."""
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for lineno, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
         try:
             cls = int(float(fields[0]))
             values = [float(v) for v in fields[1:]]
-        except ValueError:
+        except (ValueError, OverflowError):
             raise DataError(f"{path}:{lineno}: not numbers: {line.strip()[:60]!r}") from None
         if len(values) == 4:
             cx, cy, w, h = values
@@ -77,8 +81,12 @@ class YoloDataset(DetectionDataset):
         seen_labels = set()
         for index, file in enumerate(images_found):
             label_file = self.label_dir / file.relative_to(self.root).with_suffix(".txt")
-            with Image.open(file) as im:  # header only: the size to denormalize with
-                width, height = im.size
+            try:
+                with Image.open(file) as im:  # header only: the size to denormalize with
+                    width, height = im.size
+            except (OSError, SyntaxError, ValueError):
+                self.problems.add("images skipped (cannot be read)", file)
+                continue
             boxes, labels, polys = [], [], []
             if label_file.is_file():
                 seen_labels.add(label_file.resolve())

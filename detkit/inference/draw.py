@@ -33,7 +33,10 @@ def draw_detections(image: np.ndarray, boxes: np.ndarray, labels: Sequence[int],
     draw = ImageDraw.Draw(im)
     for i, (box, label) in enumerate(zip(np.asarray(boxes).reshape(-1, 4), labels)):
         c = colour(int(label))
-        draw.rectangle([float(v) for v in box], outline=c, width=2)
+        x1, x2 = sorted((float(box[0]), float(box[2])))
+        y1, y2 = sorted((float(box[1]), float(box[3])))
+        box = (x1, y1, x2, y2)
+        draw.rectangle(box, outline=c, width=2)
         name = class_names[int(label) - 1] if 0 < int(label) <= len(class_names) else str(int(label))
         text = f"{name} {scores[i]:.2f}" if scores is not None else name
         x, y = float(box[0]), max(0.0, float(box[1]) - 11)
