@@ -118,6 +118,10 @@ def test_bad_names_and_levels():
         build_backbone("timm:not_a_model")
     with pytest.raises(ConfigError, match="model.backbone.norm"):
         build_backbone("resnet18", norm="gn")
+    with pytest.raises(ConfigError, match="model.backbone.kwargs = {'nope': 1}: resnet18: .*unexpected keyword"):
+        build_backbone({"name": "resnet18", "kwargs": {"nope": 1}})
+    with pytest.raises(ConfigError, match="efficientnet_b0 takes no extra arguments"):
+        build_backbone({"name": "efficientnet_b0", "kwargs": {"a": 1}})
 
 
 # ------------------------------------------------------------------------------------------ RegNet

@@ -93,7 +93,8 @@ def load_into(
             )
     unexpected_all = [k for k in state if k not in own]
     ignored = [k for k in unexpected_all if k.startswith(ignored_prefixes)] if ignored_prefixes else []
-    unexpected = [k for k in unexpected_all if k not in ignored]
+    # BN's step counter has no counterpart in frozen BN: not worth a warning
+    unexpected = [k for k in unexpected_all if k not in ignored and not k.endswith("num_batches_tracked")]
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     network.load_state_dict({k: state[k] for k in matched}, strict=False)
     log.info("loaded %d tensors from %s into %s (%d classifier keys not used)", len(matched), source, name,

@@ -88,7 +88,7 @@ def build_backbone(cfg: BackboneConfig | DictConfig | Mapping | str | None = Non
 
         return build_timm_backbone(cfg)
     spec = get_spec(cfg.name)
-    network = spec.network(cfg, 1000)
+    network = _build_network(spec, cfg, 1000)
     backbone = Backbone(
         network,
         spec.plan(network),
@@ -149,7 +149,17 @@ def build_classifier(cfg: BackboneConfig | DictConfig | Mapping | str | None = N
 
         return timm.create_model(cfg.name[len(TIMM_PREFIX):], pretrained=False, num_classes=num_classes,
                                  **cfg.kwargs)
-    return get_spec(cfg.name).network(cfg, num_classes)
+    return _build_network(get_spec(cfg.name), cfg, num_classes)
+
+
+def _build_network(spec: BackboneSpec, cfg: DictConfig, num_classes: int) -> nn.Module:
+    if cfg.kwargs and spec.family in ("regnet", "efficientnet"):
+        raise ConfigError(f"model.backbone.kwargs: {spec.name} takes no extra arguments (got {dict(cfg.kwargs)}); "
+                          f"use model.backbone.{spec.family}.*")
+    try:
+        return spec.network(cfg, num_classes)
+    except TypeError as e:  # an unknown keyword in model.backbone.kwargs
+        raise ConfigError(f"model.backbone.kwargs = {dict(cfg.kwargs)}: {spec.name}: {e}") from None
 
 
 def imagenet_resolution(cfg: BackboneConfig | DictConfig | Mapping | str | None = None, **overrides: Any) -> int:

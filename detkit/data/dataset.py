@@ -166,7 +166,10 @@ def resolve_classes(value: Any) -> tuple[list[str], list[Any]] | None:
             return resolve_classes(data)
         return resolve_classes([line.strip() for line in path.read_text().splitlines() if line.strip()])
     if isinstance(value, Mapping):
-        items = sorted(((int(k) if str(k).lstrip("-").isdigit() else k), str(v)) for k, v in value.items())
+        items = [((int(k) if str(k).lstrip("-").isdigit() else k), str(v)) for k, v in value.items()]
+        if len({type(k) for k, _ in items}) > 1:
+            raise DataError(f"classes mapping mixes number and name keys: {list(value)[:6]}")
+        items.sort()
         return [name for _, name in items], [k for k, _ in items]
     if isinstance(value, Sequence):
         names = [str(v) for v in value]

@@ -72,6 +72,8 @@ def build_transform(spec: Mapping, where: str) -> A.BasicTransform:
         raise ConfigError(f"{where}: unknown albumentations transform {name!r}{hint}")
     if name in CONTAINERS or "transforms" in params:
         inner = params.pop("transforms", [])
+        if not isinstance(inner, list):
+            raise ConfigError(f"{where}: {name}.transforms must be a list of transforms, got {inner!r}")
         params["transforms"] = [build_transform(t, f"{where}.transforms[{i}]") for i, t in enumerate(inner)]
     try:
         return cls(**params)
@@ -172,6 +174,8 @@ def build_pipeline(spec: Any, *, image_size: int, mean: Sequence[float], std: Se
     if spec is None:
         spec = "train" if train else "val"
     if isinstance(spec, str):
+        if int(image_size) <= 0:
+            raise ConfigError(f"data.image_size = {image_size}: expected a positive size")
         transforms = preset(spec, image_size, resize)
     elif isinstance(spec, list):
         transforms = [build_transform(t, f"{where}[{i}]") for i, t in enumerate(spec)]
