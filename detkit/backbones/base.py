@@ -111,11 +111,7 @@ class Backbone(nn.Module):
         self.levels = [level for level, _ in plan]
         out_levels = list(out_levels)
         check_levels(name, out_levels, self.levels)
-        if not 0 <= frozen_stages <= len(self.levels):
-            raise ConfigError(
-                f"model.backbone.frozen_stages = {frozen_stages}: {name} has {len(self.levels)} stages "
-                f"({', '.join(self.levels)}); expected 0..{len(self.levels)}"
-            )
+        check_frozen_stages(name, frozen_stages, self.levels)
         top = max(self.levels.index(level) for level in out_levels)
         dropped = [n for _, names in plan[top + 1:] for n in names] + list(head)
         for module_name in dropped:
@@ -165,6 +161,14 @@ class Backbone(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, out_levels={self.out_levels}, frozen_stages={self.frozen_stages}"
+
+
+def check_frozen_stages(name: str, frozen_stages: int, levels: Sequence[str]) -> None:
+    if not 0 <= frozen_stages <= len(levels):
+        raise ConfigError(
+            f"model.backbone.frozen_stages = {frozen_stages}: {name} has {len(levels)} stages "
+            f"({', '.join(levels)}); expected 0..{len(levels)}"
+        )
 
 
 def check_levels(name: str, out_levels: Sequence[str], available: Sequence[str]) -> None:

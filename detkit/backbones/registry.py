@@ -19,10 +19,9 @@ from torch import nn
 
 from detkit.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, LevelPlan
 from detkit.backbones.pretrained import fetch_named, load_into, looks_like_path, read_state_dict
+from detkit.backbones.timm_backbone import PREFIX as TIMM_PREFIX
 from detkit.config.schema import BackboneConfig
 from detkit.errors import ConfigError, PretrainedError
-
-TIMM_PREFIX = "timm:"
 
 
 @dataclass(frozen=True)

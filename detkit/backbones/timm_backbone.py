@@ -11,7 +11,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from detkit.backbones.base import _convert_norm, check_levels, level_name
+from detkit.backbones.base import _convert_norm, check_frozen_stages, check_levels, level_name
 from detkit.backbones.pretrained import (
     fetch_named,
     host_reachable,
@@ -21,7 +21,7 @@ from detkit.backbones.pretrained import (
 )
 from detkit.errors import ConfigError
 
-PREFIX = "timm:"
+PREFIX = "timm:"  # registry.TIMM_PREFIX is this constant
 HF_HOST = "huggingface.co"
 
 
@@ -84,11 +84,7 @@ class TimmBackbone(nn.Module):
         self.levels = _feature_levels(model_name, kwargs)
         out_levels = list(out_levels)
         check_levels(self.name, out_levels, self.levels)
-        if not 0 <= frozen_stages <= len(self.levels):
-            raise ConfigError(
-                f"model.backbone.frozen_stages = {frozen_stages}: {self.name} has {len(self.levels)} stages "
-                f"({', '.join(self.levels)}); expected 0..{len(self.levels)}"
-            )
+        check_frozen_stages(self.name, frozen_stages, self.levels)
         self.out_levels = sorted(out_levels, key=self.levels.index)
         indices = [self.levels.index(level) for level in self.out_levels]
         named_tag = pretrained if pretrained and not looks_like_path(pretrained) else None

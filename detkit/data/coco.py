@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from detkit.data.dataset import DetectionDataset, Record, read_split, resolve_classes, safe_join
+from detkit.data.dataset import DetectionDataset, Record, box_mask, read_split, resolve_classes, safe_join
 from detkit.errors import DataError
 
 
@@ -168,7 +168,6 @@ class CocoDataset(DetectionDataset):
                     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                     raise DataError(f"{record.file}: annotation {record.ann_ids[i]}: bad segmentation ({reason})") \
                         from None
-            else:  # no segmentation: the box is the best mask we have
-                x1, y1, x2, y2 = np.round(record.boxes[i]).astype(int)
-                masks[i, y1:y2, x1:x2] = 1
+            else:
+                masks[i] = box_mask(record.boxes[i], h, w)
         sample["masks"] = masks

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from detkit.data.dataset import DetectionDataset, read_label_png
+from detkit.data.dataset import DetectionDataset, instance_masks_from_ids, read_label_png
 
 
 def to_coco(dataset: DetectionDataset, out: str | Path, images_root: str | Path) -> dict[str, int]:
@@ -60,9 +60,7 @@ def to_coco(dataset: DetectionDataset, out: str | Path, images_root: str | Path)
 def _instance_masks(record) -> np.ndarray | None:
     if record.mask_file is None or record.segmentations is not None:
         return None
-    ids = read_label_png(record.mask_file)
-    instances = np.unique(ids[ids > 0])
-    return (ids[None] == instances[:, None, None]).astype(np.uint8)
+    return instance_masks_from_ids(read_label_png(record.mask_file))
 
 
 def _plain(value: Any) -> Any:

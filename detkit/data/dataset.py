@@ -91,6 +91,20 @@ class Problems:
             log.warning(self.summary())
 
 
+def box_mask(box: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A filled box as an H x W uint8 mask: the best mask an instance without a segmentation has."""
+    mask = np.zeros((height, width), np.uint8)
+    x1, y1, x2, y2 = np.round(box).astype(int)
+    mask[max(y1, 0):y2, max(x1, 0):x2] = 1
+    return mask
+
+
+def instance_masks_from_ids(ids: np.ndarray) -> np.ndarray:
+    """An instance-id map (0 background, 1..N) as N x H x W uint8 masks, in id order."""
+    instances = np.unique(ids[ids > 0])
+    return (ids[None] == instances[:, None, None]).astype(np.uint8)
+
+
 def read_image(path: Path) -> np.ndarray:
     """Read an image as H x W x 3 uint8 RGB; a missing, corrupt or truncated file raises :class:`DataError`."""
     try:

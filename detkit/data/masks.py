@@ -22,6 +22,7 @@ from detkit.data.dataset import (
     SEMANTIC_IGNORE,
     DetectionDataset,
     Record,
+    instance_masks_from_ids,
     list_images,
     read_label_png,
     read_split,
@@ -110,6 +111,4 @@ class InstanceMaskDataset(DetectionDataset):
         self.problems.report()
 
     def add_masks(self, sample: dict[str, Any], record: Record) -> None:
-        ids = read_label_png(record.mask_file)
-        instances = np.unique(ids[ids > 0])
-        sample["masks"] = (ids[None] == instances[:, None, None]).astype(np.uint8)
+        sample["masks"] = instance_masks_from_ids(read_label_png(record.mask_file))

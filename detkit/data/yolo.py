@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from detkit.data.coco import segmentation_to_mask
-from detkit.data.dataset import DetectionDataset, Record, list_images, read_split, resolve_classes
+from detkit.data.dataset import DetectionDataset, Record, box_mask, list_images, read_split, resolve_classes
 from detkit.errors import DataError
 
 
@@ -123,6 +123,5 @@ class YoloDataset(DetectionDataset):
             if seg is not None:
                 masks[i] = segmentation_to_mask(seg, h, w)
             else:
-                x1, y1, x2, y2 = np.round(record.boxes[i]).astype(int)
-                masks[i, y1:y2, x1:x2] = 1
+                masks[i] = box_mask(record.boxes[i], h, w)
         sample["masks"] = masks
