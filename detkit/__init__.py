@@ -13,4 +13,26 @@ def build_backbone(*args, **kwargs):
     return _build(*args, **kwargs)
 
 
-__all__ = ["ConfigError", "DetkitError", "PretrainedError", "__version__", "build_backbone", "load_config"]
+def build_model(cfg):
+    """See :func:`detkit.models.build_model`: the model of ``cfg.model``."""
+    from detkit.models import build_model as _build
+
+    return _build(cfg)
+
+
+def train(cfg, overrides=(), *, resume=None, callbacks=None):
+    """See :func:`detkit.engine.train`: train from a config (or config path); returns the run directory."""
+    from detkit.engine import train as _train
+
+    return _train(cfg, overrides, resume=resume, callbacks=callbacks)
+
+
+def evaluate(target, checkpoint=None, overrides=(), split="val"):
+    """See :func:`detkit.engine.evaluate`: (metrics, output directory) of a run directory or config."""
+    from detkit.engine import evaluate as _evaluate
+
+    return _evaluate(target, checkpoint, overrides, split=split)
+
+
+__all__ = ["ConfigError", "DetkitError", "PretrainedError", "__version__", "build_backbone", "build_model",
+           "evaluate", "load_config", "train"]

@@ -148,6 +148,109 @@ def _data_make_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_config_and_overrides(items: list[str], resume: str | None) -> tuple[str | None, list[str]]:
+    """``CONFIG a.b=c ...``; with ``--resume`` the CONFIG may be left out (the run's config.yaml is used)."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    if resume is None:
+        raise DetkitError("give a CONFIG file (or --resume RUN_DIR)")
+    return None, items
+
+
+def _train(args: argparse.Namespace) -> int:
+    from detkit.config import load_config
+    from detkit.engine import train
+
+    config, overrides = _split_config_and_overrides(args.args, args.resume)
+    if config is not None:
+        cfg = load_config(config, overrides)
+    else:
+        cfg, overrides = None, overrides
+    if cfg is None:
+        from detkit.engine.run import resolve_checkpoint, run_dir_of
+
+        run = run_dir_of(resolve_checkpoint(args.resume, "last"))
+        if run is None:
+            raise DetkitError(f"{args.resume}: give the CONFIG to resume with")
+        cfg = load_config(run / "config.yaml", overrides)
+    out = train(cfg, resume=args.resume)
+    print(f"run directory: {out}")
+    metrics = out / "metrics.json"
+    if metrics.is_file():
+        m = json.loads(metrics.read_text())
+        shown = ", ".join(f"{k}={m[k]:.4f}" for k in ("bbox_AP", "bbox_AP50", "segm_AP", "voc07_mAP")
+                          if isinstance(m.get(k), int | float))
+        print(f"final validation: {shown}  ({metrics})")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from detkit.evaluation import format_table
+
+    if args.predictions:
+        metrics, out = _eval_predictions(args)
+    else:
+        from detkit.engine import evaluate
+
+        if not args.target:
+            raise DetkitError("give a RUN_DIR or CONFIG (or --predictions with --ground-truth)")
+        metrics, run = evaluate(args.target, args.checkpoint, args.overrides, split=args.split)
+        out = Path(args.out) if args.out else run / "metrics.json"
+        if args.out:
+            from detkit.engine.callbacks import write_metrics
+
+            write_metrics(metrics, out)
+        print(f"PR curves: {run / 'pr_curves'}")
+    print(format_table(metrics))
+    print(f"metrics: {out}")
+    return 0
+
+
+def _eval_predictions(args: argparse.Namespace):
+    from detkit.engine.callbacks import write_metrics
+    from detkit.evaluation import score_predictions
+
+    if not args.ground_truth:
+        raise DetkitError("--predictions needs --ground-truth (a COCO JSON file or a CONFIG)")
+    gt = Path(args.ground_truth)
+    cat_to_label = None
+    if gt.suffix.lower() in (".yaml", ".yml"):
+        from detkit.config import load_config
+        from detkit.data.build import build_dataset
+        from detkit.evaluation import dataset_to_coco
+
+        cfg = load_config(gt, args.overrides)
+        if cfg.data[args.split].format is None:
+            raise DetkitError(f"{gt}: data.{args.split} is not configured")
+        dataset = build_dataset(cfg.data[args.split], transform=None, with_masks=False, key=f"data.{args.split}")
+        cat_to_label = dataset.cat_to_label()
+        ground_truth: Path | dict = dataset_to_coco(dataset)
+    else:
+        ground_truth = gt
+    metrics = score_predictions(args.predictions, ground_truth, metric=args.metric, cat_to_label=cat_to_label)
+    out = Path(args.out) if args.out else Path(args.predictions).with_name("metrics.json")
+    write_metrics(metrics, out)
+    return metrics, out
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from detkit.inference import Predictor, expand_inputs
+    from detkit.inference.run import predict_files
+
+    files = expand_inputs(args.inputs)
+    if not files:
+        raise DetkitError(f"no images found in {' '.join(args.inputs)}")
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
+                                          score_threshold=args.score_threshold)
+    summary = predict_files(predictor, files, args.out)
+    print(f"{summary['images']} images ({summary['skipped']} skipped), {summary['detections']} detections, "
+          f"{summary['images_per_s']:.1f} images/s")
+    for name, n in sorted(summary["per_class"].items(), key=lambda kv: -kv[1]):
+        print(f"  {name:20s} {n}")
+    print(f"drawn images and predictions.json in {summary['out']}")
+    return 0
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -206,6 +309,34 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--image-size", type=positive_int, default=128, help="square image size (default 128)")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.set_defaults(func=_data_make_shapes)
+
+    tr = sub.add_parser("train", help="train a model from a config (writes a run directory)")
+    tr.add_argument("args", nargs="*", metavar="CONFIG [key=value ...]",
+                    help="a YAML config and overrides, e.g. train.epochs=5 model.backbone.name=regnet_x_400mf")
+    tr.add_argument("--resume", default=None, metavar="RUN_DIR|CKPT",
+                    help="continue a run (model, optimizer, schedule, EMA, epoch, RNG) in its directory")
+    tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="evaluate a run (COCO/VOC mAP, PR curves) or score a predictions file")
+    ev.add_argument("target", nargs="?", help="a run directory or a config (with --checkpoint)")
+    ev.add_argument("overrides", nargs="*", help="key=value overrides")
+    ev.add_argument("--checkpoint", default=None, help="default: RUN_DIR/checkpoints/best.ckpt")
+    ev.add_argument("--split", default="val", choices=("train", "val", "test"))
+    ev.add_argument("--predictions", default=None, metavar="PRED.json", help="a COCO results file to score")
+    ev.add_argument("--ground-truth", default=None, metavar="GT.json|CONFIG",
+                    help="with --predictions: a COCO instances file or a config's dataset (--split)")
+    ev.add_argument("--metric", default="all", choices=("coco", "voc07", "voc12", "all"))
+    ev.add_argument("--out", default=None, help="where to write metrics.json")
+    ev.set_defaults(func=_eval)
+
+    pr = sub.add_parser("predict", help="run a trained model over images, folders or globs")
+    pr.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
+    pr.add_argument("--out", default="runs/predict", help="folder for drawn images and predictions.json")
+    pr.add_argument("--score-threshold", type=float, default=0.3)
+    pr.add_argument("--batch-size", type=positive_int, default=4)
+    pr.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    pr.set_defaults(func=_predict)
     return parser
 
 

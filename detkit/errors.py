@@ -15,3 +15,7 @@ class PretrainedError(DetkitError):
 
 class DataError(DetkitError):
     """A dataset file (image, annotation, mask, split) is missing, malformed or refused."""
+
+
+class TrainingError(DetkitError):
+    """Training cannot go on (e.g. a loss that is NaN or infinite)."""

@@ -49,3 +49,19 @@ def shapes_dir(tmp_path_factory):
 def shapes_cfg(root, split="train"):
     return {"format": "coco", "images": str(root / "images" / split),
             "annotations": str(root / "annotations" / f"instances_{split}.json")}
+
+
+def tiny_detector_overrides(root, out, *extra: str) -> list[str]:
+    """Overrides of configs/faster_rcnn/shapes.yaml for a tiny, fast run on a generated shapes set."""
+    return [
+        f"data.train.images={root}/images/train", f"data.train.annotations={root}/annotations/instances_train.json",
+        f"data.val.images={root}/images/val", f"data.val.annotations={root}/annotations/instances_val.json",
+        "data.generate=null", "data.image_size=64", "data.batch_size=4", "data.num_workers=0",
+        "model.backbone.name=resnet18", "model.neck.out_channels=32", "model.head.params.box_head_dim=64",
+        "model.head.params.anchor_sizes=[[8],[16],[32],[64]]", "train.warmup_iters=2",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.accelerator=cpu",
+        f"output_dir={out}", *extra,
+    ]
+
+
+TINY_CONFIG = ROOT / "configs" / "faster_rcnn" / "shapes.yaml"

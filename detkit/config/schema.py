@@ -120,6 +120,17 @@ class DataConfig:
     aspect_ratio_grouping: bool = False
     size_divisor: int = 32  # batches are padded to a multiple of this
     with_masks: bool | None = None  # decode instance masks (default: when the head needs them)
+    generate: str | None = choice(None, None, "shapes")  # make the dataset at ../.. of train.annotations if absent
+
+
+@dataclass
+class EMAConfig:
+    """An exponential moving average of the weights (Lightning's ``EMAWeightAveraging``), used for validation,
+    checkpoints and the final model."""
+
+    enabled: bool = False
+    decay: float = 0.999
+    start_step: int = 0  # updates begin at this optimizer step
 
 
 @dataclass
@@ -127,22 +138,61 @@ class TrainConfig:
     epochs: int = 12
     lr: float = 0.01
     optimizer: str = choice("sgd", "sgd", "adamw")
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd momentum; adamw beta1
     weight_decay: float = 1e-4
-    warmup_iters: int = 100
+    norm_weight_decay: float = 0.0  # weight decay of normalisation weights and of all biases
+    warmup_iters: int = 100  # linear warmup from warmup_factor * lr, in optimizer steps
+    warmup_factor: float = 0.001
     scheduler: str = choice("cosine", "cosine", "multistep", "constant")
-    milestones: list[int] = field(default_factory=list)
-    grad_clip: float | None = None
+    milestones: list[int] = field(default_factory=list)  # multistep: epochs at which lr is multiplied by gamma
+    gamma: float = 0.1
+    grad_clip: float | None = None  # max gradient norm
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    early_stopping_patience: int | None = None  # validations without improvement of the main metric
+
+
+@dataclass
+class EvalConfig:
+    """Validation metrics. ``main_metric`` picks the best checkpoint and drives early stopping."""
+
+    metrics: list[str] = field(default_factory=lambda: ["coco", "voc07", "voc12"])
+    backend: str = choice("pycocotools", "pycocotools", "faster_coco_eval")
+    main_metric: str = "bbox_AP"
 
 
 @dataclass
 class TrainerConfig:
-    """Lightning Trainer arguments. ``devices`` takes an int, a list of ids or "auto"."""
+    """Lightning ``Trainer`` arguments, passed through as they are (see Lightning's documentation).
+
+    ``max_epochs`` comes from ``train.epochs``, ``gradient_clip_val`` from ``train.grad_clip``; callbacks,
+    loggers and checkpointing are set up by detkit. ``devices`` takes an int, a list of ids or "auto".
+    """
 
     accelerator: str = "auto"
     devices: Any = 1
+    num_nodes: int = 1
     strategy: str = "auto"
-    precision: str = "32"
+    precision: str = "32"  # 32 | bf16-mixed (CPU or GPU) | 16-mixed (GPU)
+    max_steps: int = -1
+    max_time: str | None = None  # "DD:HH:MM:SS"
+    limit_train_batches: Any = None  # int (batches) or float (fraction)
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    val_check_interval: Any = None
+    check_val_every_n_epoch: int | None = 1
+    num_sanity_val_steps: int = 0
+    log_every_n_steps: int = 10
+    accumulate_grad_batches: int = 1
+    deterministic: Any = None  # true | false | "warn"
+    benchmark: bool | None = None
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = True
+    detect_anomaly: bool = False
+    sync_batchnorm: bool = False
+    overfit_batches: Any = 0.0
+    fast_dev_run: Any = False
+    profiler: str | None = None
+    reload_dataloaders_every_n_epochs: int = 0
 
 
 @dataclass
@@ -153,4 +203,5 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

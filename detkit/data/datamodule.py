@@ -51,7 +51,8 @@ class GroupedSampler(Sampler[int]):
 
     With DDP, Lightning hands rank ``r`` the indices ``r, r + world, ...`` of this order; with
     ``chunk = batch_size * world_size`` every rank's batches then stay within one group. The order is
-    reshuffled (identically on every rank) at each pass. Each group's last chunk is completed with repeats
+    reshuffled (identically on every rank) at each epoch (``set_epoch``, called by the engine). Each group's
+    last chunk is completed with repeats
     from the same group, so a few images may be seen twice per epoch.
     """
 
@@ -61,9 +62,11 @@ class GroupedSampler(Sampler[int]):
     def __len__(self) -> int:
         return sum(-(-int(n) // self.chunk) * self.chunk for n in np.bincount(self.groups) if n)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
     def __iter__(self):
         rng = np.random.default_rng(self.seed + self.epoch)
-        self.epoch += 1
         chunks = []
         for g in np.unique(self.groups):
             idx = rng.permutation(np.nonzero(self.groups == g)[0])
@@ -72,6 +75,37 @@ class GroupedSampler(Sampler[int]):
             chunks += [idx[i:i + self.chunk] for i in range(0, len(idx), self.chunk)]
         order = rng.permutation(len(chunks))
         return iter(int(i) for c in order for i in chunks[c])
+
+
+class EpochSampler(Sampler[int]):
+    """A random order that is a function of (seed, epoch) only (``set_epoch``), so a resumed run sees the same
+    order as an uninterrupted one."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def seed_worker(worker_id: int) -> None:
+    """Each loader worker: numpy, random and the augmentation stream seeded from the worker's torch seed."""
+    import random
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info is not None else None
+    if hasattr(transform, "reseed"):
+        transform.reseed(seed)
 
 
 class DetDataModule(L.LightningDataModule):
@@ -94,6 +128,7 @@ class DetDataModule(L.LightningDataModule):
         self.normalizer = Normalizer(mean, std)  # batches are uint8: normalise them on the device with this
         self.datasets: dict[str, DetectionDataset] = {}
         self.collate = Collate(cfg.data.size_divisor)
+        self.samplers: dict[str, Sampler | None] = {}
 
     def dataset(self, split: str) -> DetectionDataset | None:
         if split not in self.datasets and self.cfg.data[split].format is not None:
@@ -122,14 +157,29 @@ class DetDataModule(L.LightningDataModule):
         if ds is None:
             raise ValueError(f"data.{split} is not configured")
         d = self.cfg.data
+        # training workers restart every epoch, seeded from the (per-epoch) torch seed: augmentations are then a
+        # function of (seed, epoch) and a resumed run continues exactly
         kwargs: dict[str, Any] = dict(batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=self.collate,
-                                      persistent_workers=d.num_workers > 0, pin_memory=torch.cuda.is_available())
+                                      persistent_workers=d.num_workers > 0 and not shuffle,
+                                      pin_memory=torch.cuda.is_available(), worker_init_fn=seed_worker)
+        world = self.trainer.world_size if self.trainer is not None else 1
         if shuffle and d.aspect_ratio_grouping:
-            world = self.trainer.world_size if self.trainer is not None else 1
             kwargs["sampler"] = GroupedSampler(aspect_groups(ds), d.batch_size * world, seed=int(self.cfg.seed))
+        elif shuffle and world == 1:
+            kwargs["sampler"] = EpochSampler(len(ds), seed=int(self.cfg.seed))
         else:
-            kwargs["shuffle"] = shuffle
+            kwargs["shuffle"] = shuffle  # under DDP Lightning's DistributedSampler shuffles by (seed, epoch)
+        self.samplers[split] = kwargs.get("sampler")
         return DataLoader(ds, **kwargs)
+
+    def set_epoch(self, epoch: int, seed: int) -> None:
+        """Called by the engine at each training epoch start: sampler order and augmentations of this epoch."""
+        sampler = self.samplers.get("train")
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        transform = getattr(self.datasets.get("train"), "transform", None)
+        if hasattr(transform, "reseed"):
+            transform.reseed(seed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

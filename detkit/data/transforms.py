@@ -114,6 +114,10 @@ class Pipeline:
                                          min_visibility=min_visibility, min_area=1.0, clip=True),
             )
 
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentations' random stream (albumentations keeps its own, apart from numpy/torch)."""
+        self.compose.set_random_seed(int(seed) % 2**32)
+
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         image = sample["image"]
         h0, w0 = image.shape[:2]
@@ -132,7 +136,9 @@ class Pipeline:
         img = out["image"]
         h, w = img.shape[:2]
         result = dict(sample)
-        chw = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).contiguous()
+        # albumentations may return read-only views
+        img = np.ascontiguousarray(img) if img.flags.writeable else img.copy()
+        chw = torch.from_numpy(img).permute(2, 0, 1).contiguous()
         result["image"] = normalize_images(chw, self._mean, self._inv_std) if self.normalize else chw
         result["boxes"] = torch.as_tensor(np.asarray(out["bboxes"], np.float32).reshape(-1, 4))
         for key in ("labels", "iscrowd", "difficult"):

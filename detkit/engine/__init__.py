@@ -1,1 +1,5 @@
-"""detkit.engine: see docs/architecture.md (filled in by later issues)."""
+"""The training engine (Lightning): the LightningModule, optimizers/schedules, callbacks and runs."""
+
+from detkit.engine.run import evaluate, load_checkpoint, train
+
+__all__ = ["evaluate", "load_checkpoint", "train"]

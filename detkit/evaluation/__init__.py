@@ -1,1 +1,40 @@
-"""detkit.evaluation: see docs/architecture.md (filled in by later issues)."""
+"""detkit.evaluation: COCO and VOC detection metrics (see docs/architecture.md).
+
+``ground_truth`` (datasets as COCO dicts), ``coco`` (COCOeval, pycocotools or faster-coco-eval), ``voc`` (VOC07 /
+VOC12 mAP), ``predictions`` (model outputs and files as COCO results), ``evaluator`` (``DetectionEvaluator``,
+DDP-aware), ``score`` (a predictions file against a ground truth), ``plots`` (PR curves), ``table`` (text table).
+"""
+
+from detkit.evaluation.coco import CocoReport, coco_metrics
+from detkit.evaluation.evaluator import DetectionEvaluator
+from detkit.evaluation.ground_truth import check_ground_truth, dataset_to_coco, load_ground_truth
+from detkit.evaluation.plots import plot_coco_pr, plot_voc_pr
+from detkit.evaluation.predictions import (
+    load_predictions,
+    predictions_to_results,
+    results_to_dataset_ids,
+    results_to_labels,
+)
+from detkit.evaluation.score import score_predictions
+from detkit.evaluation.table import format_table
+from detkit.evaluation.voc import VocReport, voc_ap, voc_metrics
+
+__all__ = [
+    "CocoReport",
+    "DetectionEvaluator",
+    "VocReport",
+    "check_ground_truth",
+    "coco_metrics",
+    "dataset_to_coco",
+    "format_table",
+    "load_ground_truth",
+    "load_predictions",
+    "plot_coco_pr",
+    "plot_voc_pr",
+    "predictions_to_results",
+    "results_to_dataset_ids",
+    "results_to_labels",
+    "score_predictions",
+    "voc_ap",
+    "voc_metrics",
+]

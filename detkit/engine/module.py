@@ -1,0 +1,177 @@
+"""The LightningModule: one training/validation step for every detection model built by ``build_model``.
+
+Batches arrive as uint8 images (see :class:`~detkit.data.datamodule.DetDataModule`) and are normalised on the
+device by the backbone's mean/std. Validation predictions go, in original image pixels, to a
+:class:`~detkit.evaluation.DetectionEvaluator` over the whole validation set, gathered across processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from detkit.data.transforms import Normalizer
+from detkit.engine.optim import build_optimizer, build_scheduler
+from detkit.errors import TrainingError
+from detkit.models import build_model
+
+log = logging.getLogger(__name__)
+MASK_HEADS = ("mask_rcnn",)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (int(seed) * 1_000_003 + int(epoch) * 7919 + int(rank)) % (2**31)
+
+
+class DetectionModule(L.LightningModule):
+    """``config``: the resolved config (a plain dict or DictConfig); ``classes``: names of labels 1..K;
+    ``cat_ids``: their ids in the training set's own annotations (to write predictions back)."""
+
+    def __init__(self, config: dict | DictConfig, classes: list[str] | None = None,
+                 cat_ids: list[Any] | None = None) -> None:
+        super().__init__()
+        if isinstance(config, DictConfig):
+            config = OmegaConf.to_container(config, resolve=True)
+        cat_ids = [c.item() if hasattr(c, "item") else c for c in (cat_ids or [])]
+        self.save_hyperparameters({"config": config, "classes": list(classes or []), "cat_ids": cat_ids})
+        self.cfg = OmegaConf.create(config)
+        self.classes = list(classes or [])
+        self.model = build_model(self.cfg)
+        self.normalizer = Normalizer(self.model.backbone.mean, self.model.backbone.std)
+        self.evaluator = None
+        self.metrics: dict[str, Any] = {}
+        self.skipped = 0
+
+    @property
+    def iou_types(self) -> tuple[str, ...]:
+        return ("bbox", "segm") if self.cfg.model.head.name in MASK_HEADS else ("bbox",)
+
+    # ------------------------------------------------------------------------------------------ setup
+    def attach_evaluator(self, dataset) -> None:
+        """Score validation predictions against ``dataset``'s ground truth (all its images)."""
+        from detkit.evaluation import DetectionEvaluator, dataset_to_coco
+
+        e = self.cfg.eval
+        self.evaluator = DetectionEvaluator(dataset_to_coco(dataset, with_masks="segm" in self.iou_types),
+                                            metrics=tuple(e.metrics), iou_types=self.iou_types, backend=e.backend,
+                                            class_names=list(dataset.classes))
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if stage in ("fit", "validate") and self.evaluator is None and dm is not None:
+            ds = dm.dataset("val")
+            if ds is not None:
+                self.attach_evaluator(ds)
+
+    # --------------------------------------------------------------------------------------- training
+    # Every epoch's randomness (data order, augmentations, RPN/RoI sampling) is a function of (seed, epoch, rank),
+    # so a run resumed at an epoch boundary continues exactly as the uninterrupted run would have.
+    def on_train_epoch_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if hasattr(dm, "set_epoch"):
+            dm.set_epoch(self.current_epoch, epoch_seed(self.cfg.seed, self.current_epoch, self.global_rank))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:  # after Lightning has made the epoch's data iterator (which draws from the torch RNG)
+            s = epoch_seed(self.cfg.seed, self.current_epoch, self.global_rank)
+            random.seed(s)
+            np.random.seed(s)
+            torch.manual_seed(s)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self._count_skipped(batch)
+        images = self.normalizer(batch["images"])
+        losses = self.model(images, batch["targets"], batch["image_sizes"])
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            raise TrainingError(f"loss is not finite at epoch {self.current_epoch}, step {self.global_step} "
+                                f"({values}); training stopped, checkpoints keep the last good weights. Try a "
+                                f"lower train.lr, longer train.warmup_iters or train.grad_clip")
+        n = len(batch["targets"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=n)
+        return loss
+
+    def _count_skipped(self, batch: dict[str, Any]) -> None:
+        if batch.get("skipped"):
+            self.skipped += len(batch["skipped"])
+
+    # -------------------------------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.reset()
+
+    def predict_batch(self, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        targets = batch["targets"]
+        return self.model(self.normalizer(batch["images"]), image_sizes=batch["image_sizes"],
+                          scales=[t.get("scale") for t in targets] if targets and "scale" in targets[0] else None,
+                          orig_sizes=[t["orig_size"] for t in targets] if targets else None)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._count_skipped(batch)
+        if not batch["targets"]:
+            return
+        predictions = self.predict_batch(batch)
+        if self.evaluator is not None:
+            self.evaluator.update([{k: v.detach().cpu() for k, v in p.items()} for p in predictions],
+                                  [int(t["image_id"]) for t in batch["targets"]])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.evaluator is None or self.trainer.sanity_checking:
+            return
+        self.evaluator.gather()
+        self.metrics = self.evaluator.compute()
+        scalars = {f"val/{k}": float(v) for k, v in self.metrics.items()
+                   if isinstance(v, int | float) and v is not None and math.isfinite(v)}
+        main = f"val/{self.cfg.eval.main_metric}"
+        if main in scalars:
+            self.log(main, scalars.pop(main), prog_bar=True, sync_dist=True)
+        self.log_dict(scalars, sync_dist=True)
+
+    # -------------------------------------------------------------------------------------- optimizers
+    def configure_optimizers(self):
+        t = self.cfg.train
+        optimizer = build_optimizer(self.model, t)
+        trainer = self.trainer
+        steps_per_epoch = None
+        try:
+            trainer.fit_loop.setup_data()
+            batches = trainer.num_training_batches
+            if math.isfinite(batches):
+                steps_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+        except Exception:  # pragma: no cover  (iterable datasets without a length)
+            steps_per_epoch = None
+        if steps_per_epoch is None:
+            total = int(trainer.estimated_stepping_batches)
+            steps_per_epoch = max(1, total // max(1, int(t.epochs)))
+        else:
+            total = steps_per_epoch * int(t.epochs)  # the schedule does not depend on trainer.max_steps
+        scheduler = build_scheduler(optimizer, t, total, steps_per_epoch)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise TrainingError(f"weights hold NaN/inf values ({bad[0]} and {len(bad) - 1} more): not saving a "
+                                f"checkpoint; the previous checkpoints keep the last good weights")
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        # plain tensors and numbers only: checkpoints stay loadable with torch.load(weights_only=True)
+        checkpoint["detkit_rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                    "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get("detkit_rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            kind, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(rng["python"])

@@ -1,0 +1,56 @@
+"""Optimizer and learning-rate schedule from ``train.*``.
+
+Parameter groups: normalisation weights and all biases get ``train.norm_weight_decay`` (0 by default), the
+rest ``train.weight_decay``; frozen parameters are left out. The schedule is per optimizer step: a linear
+warmup from ``warmup_factor * lr`` over ``warmup_iters`` steps, then cosine to 0 over the run, multistep
+(``lr * gamma**k`` after the k-th milestone epoch) or constant.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if isinstance(module, NORM_TYPES) or name == "bias" or p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": norm_weight_decay}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, t: Any) -> torch.optim.Optimizer:
+    groups = param_groups(model, float(t.weight_decay), float(t.norm_weight_decay))
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.momentum, 0.999))
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
+
+
+def lr_factor(step: int, t: Any, total_steps: int, steps_per_epoch: int) -> float:
+    """The multiplier of ``train.lr`` at optimizer step ``step`` (0-based)."""
+    warmup = int(t.warmup_iters)
+    if t.scheduler == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+    elif t.scheduler == "multistep":
+        factor = float(t.gamma) ** bisect.bisect_right(sorted(t.milestones), step // max(1, steps_per_epoch))
+    else:
+        factor = 1.0
+    if step < warmup:
+        alpha = step / warmup
+        factor *= float(t.warmup_factor) * (1 - alpha) + alpha
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, t: Any, total_steps: int, steps_per_epoch: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t, total_steps, steps_per_epoch))

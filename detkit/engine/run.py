@@ -1,0 +1,246 @@
+"""Runs: ``train`` (fit from a config, or resume), ``evaluate`` (a run dir or config + checkpoint).
+
+A run directory holds ``config.yaml`` (resolved), ``checkpoints/last.ckpt`` and ``checkpoints/best.ckpt`` (by
+``eval.main_metric``), ``metrics.json`` (the last validation), ``tensorboard/`` and ``csv/metrics.csv`` logs,
+and, after ``detkit eval``, ``pr_curves/``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from detkit.config import load_config
+from detkit.config.loader import to_yaml
+from detkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+RUN_DIR_ENV = "DETKIT_RUN_DIR"  # set by the launching process, so DDP workers write into the same run directory
+DETKIT_TRAINER_KEYS = {"max_epochs", "gradient_clip_val", "callbacks", "logger", "plugins", "default_root_dir",
+                       "enable_checkpointing"}
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """``trainer.*`` as Lightning Trainer arguments (unset optional values left to Lightning's defaults)."""
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
+    accepted = inspect.signature(L.Trainer.__init__).parameters
+    for key in kwargs:
+        if key not in accepted or key in DETKIT_TRAINER_KEYS:
+            raise ConfigError(f"config key 'trainer.{key}' is not a Lightning Trainer argument detkit passes on")
+    if str(kwargs.get("precision")) in ("32", "64", "16"):
+        kwargs["precision"] = int(kwargs["precision"])
+    if str(kwargs.get("precision")) == "16-mixed" and not torch.cuda.is_available() and \
+            kwargs.get("accelerator") in ("auto", "cpu"):
+        raise ConfigError("trainer.precision = 16-mixed needs a GPU; on the CPU use bf16-mixed or 32")
+    return kwargs
+
+
+def ensure_data(cfg: DictConfig) -> None:
+    """``data.generate: shapes`` makes the shapes dataset when its train annotations are absent."""
+    if cfg.data.generate != "shapes":
+        return
+    ann = cfg.data.train.annotations
+    if not ann:
+        raise ConfigError("data.generate = shapes needs data.train.annotations (…/annotations/instances_train.json)")
+    if not Path(ann).exists():
+        from detkit.data.shapes import make_shapes
+
+        root = Path(ann).parent.parent
+        log.warning("generating the shapes dataset in %s (data.generate = shapes)", root)
+        make_shapes(root)
+
+
+def build_datamodule(cfg: DictConfig):
+    from detkit.data.datamodule import DetDataModule
+
+    ensure_data(cfg)
+    return DetDataModule(cfg)
+
+
+def _csv_version(out: Path) -> str:
+    """A fresh CSV log folder per (re)start: Lightning's CSVLogger would overwrite an existing one."""
+    if not (out / "csv" / "metrics.csv").exists():
+        return ""
+    n = 1
+    while (out / "csv" / f"resumed-{n}").exists():
+        n += 1
+    return f"resumed-{n}"
+
+
+def build_trainer(cfg: DictConfig, out: Path, *, fit: bool = True, callbacks: list | None = None) -> L.Trainer:
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from detkit.engine.callbacks import AtomicCheckpointIO, MetricsWriter
+
+    kwargs = trainer_kwargs(cfg)
+    if not fit:
+        for key in ("max_steps", "limit_train_batches", "val_check_interval", "check_val_every_n_epoch",
+                    "accumulate_grad_batches", "num_sanity_val_steps", "max_time", "overfit_batches"):
+            kwargs.pop(key, None)
+        return L.Trainer(logger=False, enable_checkpointing=False, default_root_dir=str(out),
+                         callbacks=list(callbacks or []), **kwargs)
+    main = f"val/{cfg.eval.main_metric}"
+    has_val = cfg.data.val.format is not None
+    cbs: list = [
+        # last.ckpt after every epoch (a callback of its own: Lightning's save_last only follows a new best)
+        ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                        auto_insert_metric_name=False, enable_version_counter=False),
+        LearningRateMonitor("step"),
+        *([ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=main, mode="max", save_top_k=1,
+                           auto_insert_metric_name=False, enable_version_counter=False)] if has_val else []),
+        MetricsWriter(out / "metrics.json"),
+    ]
+    if cfg.train.ema.enabled:
+        from lightning.pytorch.callbacks import EMAWeightAveraging
+
+        cbs.append(EMAWeightAveraging(decay=float(cfg.train.ema.decay),
+                                      update_starting_at_step=int(cfg.train.ema.start_step)))
+    if cfg.train.early_stopping_patience is not None:
+        if not has_val:
+            raise ConfigError("train.early_stopping_patience needs a validation set (data.val)")
+        cbs.append(EarlyStopping(monitor=main, mode="max", patience=int(cfg.train.early_stopping_patience)))
+    cbs += list(callbacks or [])
+    loggers = [TensorBoardLogger(str(out), name="tensorboard", version=""),
+               CSVLogger(str(out), name="csv", version=_csv_version(out))]
+    return L.Trainer(max_epochs=int(cfg.train.epochs), gradient_clip_val=cfg.train.grad_clip, callbacks=cbs,
+                     logger=loggers, plugins=[AtomicCheckpointIO()], default_root_dir=str(out), **kwargs)
+
+
+def check_config(cfg: DictConfig) -> None:
+    metrics = list(cfg.eval.metrics)
+    for m in metrics:
+        if m not in ("coco", "voc07", "voc12"):
+            raise ConfigError(f"eval.metrics: unknown metric {m!r} (expected coco, voc07, voc12)")
+    main = cfg.eval.main_metric
+    needs = "coco" if main.startswith(("bbox_", "segm_")) else main.split("_")[0]
+    if needs not in metrics:
+        raise ConfigError(f"eval.main_metric = {main}: needs '{needs}' in eval.metrics (has {metrics})")
+
+
+# ----------------------------------------------------------------------------------------------- train
+def resolve_checkpoint(target: str | Path, prefer: str = "last") -> Path:
+    """A checkpoint file, or ``RUN_DIR/checkpoints/<prefer>.ckpt`` (falling back to the other one)."""
+    path = Path(target)
+    if path.is_dir():
+        for name in (prefer, "best" if prefer == "last" else "last"):
+            ckpt = path / "checkpoints" / f"{name}.ckpt"
+            if ckpt.is_file():
+                return ckpt
+        raise ConfigError(f"{path}: no checkpoints/{prefer}.ckpt in this run directory")
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such run directory or checkpoint file")
+    return path
+
+
+def run_dir_of(ckpt: Path) -> Path | None:
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+
+
+def train(cfg: DictConfig | str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
+          resume: str | Path | None = None,
+          callbacks: list | None = None) -> Path:
+    """Train the model of ``cfg`` (a config or a config path); returns the run directory.
+
+    ``resume``: a run directory or checkpoint; model, optimizer, scheduler, EMA, epoch/step and RNG are
+    restored and the run continues in that directory.
+    """
+    from detkit.engine.module import DetectionModule
+
+    ckpt = resolve_checkpoint(resume, "last") if resume is not None else None
+    if cfg is None and ckpt is not None:
+        run = run_dir_of(ckpt)
+        if run is None or not (run / "config.yaml").is_file():
+            raise ConfigError(f"{ckpt}: give the CONFIG to resume with (no run directory config.yaml next to it)")
+        cfg = run / "config.yaml"
+    if not isinstance(cfg, DictConfig):
+        cfg = load_config(cfg, list(overrides))
+    check_config(cfg)
+    out = Path(os.environ.get(RUN_DIR_ENV) or (run_dir_of(ckpt) if ckpt is not None and run_dir_of(ckpt) else
+                                               cfg.output_dir))
+    cfg.output_dir = str(out)
+    os.environ[RUN_DIR_ENV] = str(out)  # DDP workers re-run the command: they must find the same directory
+    try:
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        dm = build_datamodule(cfg)
+        dm.setup("fit")
+        train_set = dm.dataset("train")
+        module = DetectionModule(cfg, classes=dm.classes, cat_ids=list(train_set.cat_ids) if train_set else None)
+        trainer = build_trainer(cfg, out, callbacks=callbacks)
+        if trainer.is_global_zero:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(to_yaml(cfg))
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt is not None else None)
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
+    if module.skipped:
+        log.warning("%d images could not be read and were skipped (see the warnings above)", module.skipped)
+    return out
+
+
+# -------------------------------------------------------------------------------------------- evaluate
+def load_checkpoint(path: str | Path, cfg: DictConfig | None = None, map_location: str = "cpu"):
+    """A :class:`DetectionModule` with the weights of ``path`` (its config from the checkpoint unless given)."""
+    from detkit.engine.module import DetectionModule
+
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise ConfigError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    hp = ckpt.get("hyper_parameters") or {}
+    if "config" not in hp or "state_dict" not in ckpt:
+        raise ConfigError(f"{path}: not a detkit checkpoint (no config/state_dict inside)")
+    module = DetectionModule(cfg if cfg is not None else hp["config"], classes=hp.get("classes"),
+                             cat_ids=hp.get("cat_ids"))
+    module.load_state_dict(ckpt["state_dict"])
+    return module
+
+
+def evaluate(target: str | Path, checkpoint: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+             split: str = "val", plots: bool = True) -> tuple[dict[str, Any], Path]:
+    """Validate a run directory (its best checkpoint) or a config + ``checkpoint``; returns (metrics, out dir).
+
+    Writes ``metrics.json`` and ``pr_curves/*.png`` into the run directory (or the config's ``output_dir``).
+    """
+    from detkit.engine.callbacks import write_metrics
+
+    target = Path(target)
+    if target.is_dir():
+        if not (target / "config.yaml").is_file():
+            raise ConfigError(f"{target}: not a run directory (no config.yaml)")
+        cfg = load_config(target / "config.yaml", list(overrides))
+        ckpt = Path(checkpoint) if checkpoint else resolve_checkpoint(target, "best")
+        out = target
+    else:
+        if checkpoint is None:
+            raise ConfigError(f"{target}: evaluating a config needs --checkpoint (or give a run directory)")
+        cfg = load_config(target, list(overrides))
+        ckpt, out = Path(checkpoint), Path(os.environ.get(RUN_DIR_ENV) or cfg.output_dir)
+    check_config(cfg)
+    if split != "val":
+        if cfg.data[split].format is None:
+            raise ConfigError(f"data.{split} is not configured: cannot evaluate on it")
+        cfg.data.val = cfg.data[split]
+    os.environ[RUN_DIR_ENV] = str(out)
+    try:
+        module = load_checkpoint(resolve_checkpoint(ckpt, "best"), cfg)
+        dm = build_datamodule(cfg)
+        trainer = build_trainer(cfg, out, fit=False)
+        trainer.validate(module, datamodule=dm, verbose=False)
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
+    metrics = module.metrics
+    if trainer.is_global_zero:
+        write_metrics(metrics, out / "metrics.json")
+        if plots and module.evaluator is not None:
+            module.evaluator.plot_pr_curves(out / "pr_curves")
+    return metrics, out

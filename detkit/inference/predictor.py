@@ -1,0 +1,125 @@
+"""The Python predictor: a checkpoint in, detections in original image pixels out.
+
+``Predictor.from_checkpoint(path)(images)`` takes paths, PIL images, H x W x 3 uint8 arrays or 3 x H x W
+tensors (one or many, any sizes), resizes them with the run's validation pipeline (resizing happens once),
+batches them, and returns per image ``{"boxes", "scores", "labels", "names"[, "masks"]}`` with boxes mapped
+back to the original image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from detkit.data.collate import Collate
+from detkit.data.dataset import read_image
+from detkit.data.transforms import build_pipeline
+
+
+def to_rgb_array(image: Any) -> np.ndarray:
+    """An H x W x 3 uint8 RGB array from a path, PIL image, array (HWC) or tensor (CHW, uint8 or float in 0..1)."""
+    if isinstance(image, str | Path):
+        return read_image(Path(image))
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
+        return np.asarray(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.is_floating_point():
+            t = (t.clamp(0, 1) * 255).round().to(torch.uint8)
+        image = t.permute(1, 2, 0).numpy()
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        raise ValueError(f"expected an H x W x 3 image, got an array of shape {arr.shape}")
+    return np.ascontiguousarray(arr[..., :3].astype(np.uint8, copy=False))
+
+
+class Predictor:
+    """Runs a trained detection module over images (see the module docstring)."""
+
+    def __init__(self, module, device: str | torch.device = "cpu", batch_size: int = 4,
+                 score_threshold: float = 0.0) -> None:
+        self.device = torch.device(device)
+        self.module = module.eval().to(self.device)
+        self.cfg = module.cfg
+        self.classes: list[str] = list(module.classes)
+        self.cat_ids: list[Any] = list(module.hparams.get("cat_ids") or range(1, len(self.classes) + 1))
+        self.batch_size, self.score_threshold = int(batch_size), float(score_threshold)
+        d = self.cfg.data
+        backbone = module.model.backbone
+        self.pipeline = build_pipeline(d.transforms.val, image_size=d.image_size, mean=backbone.mean, std=backbone.std,
+                                       train=False, resize=d.resize, normalize=False, where="data.transforms.val")
+        self.collate = Collate(d.size_divisor)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> Predictor:
+        from detkit.engine.run import load_checkpoint, resolve_checkpoint
+
+        return cls(load_checkpoint(resolve_checkpoint(path, "best")), device=device, **kwargs)
+
+    def sample(self, image: Any, index: int) -> dict[str, Any]:
+        arr = to_rgb_array(image)
+        h, w = arr.shape[:2]
+        empty = np.zeros((0,), np.int64)
+        return self.pipeline({"image": arr, "boxes": np.zeros((0, 4), np.float32), "labels": empty,
+                              "iscrowd": empty.astype(bool), "difficult": empty.astype(bool), "image_id": index,
+                              "orig_size": (h, w)})
+
+    @torch.inference_mode()
+    def __call__(self, images: Any) -> list[dict[str, Any]] | dict[str, Any]:
+        single = not isinstance(images, list | tuple)
+        items: Sequence[Any] = [images] if single else list(images)
+        results: list[dict[str, Any]] = []
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start:start + self.batch_size]
+            batch = self.collate([self.sample(im, start + i) for i, im in enumerate(chunk)])
+            batch["images"] = batch["images"].to(self.device)
+            for pred in self.module.predict_batch(batch):
+                results.append(self._finish(pred))
+        return results[0] if single else results
+
+    def _finish(self, pred: dict[str, torch.Tensor]) -> dict[str, Any]:
+        keep = pred["scores"] >= self.score_threshold
+        out = {k: v[keep].cpu() for k, v in pred.items()}
+        out["names"] = [self.classes[int(i) - 1] if 0 < int(i) <= len(self.classes) else str(int(i))
+                        for i in out["labels"]]
+        return out
+
+    def category_id(self, label: int) -> Any:
+        """The dataset's own category id of contiguous label ``label`` (an int where the dataset has ints)."""
+        cat = self.cat_ids[int(label) - 1]
+        return int(cat) if isinstance(cat, int | np.integer) else int(label)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def expand_inputs(inputs: Iterable[str]) -> list[Path]:
+    """Files, folders (recursive) and globs -> image paths (sorted per input, no duplicates)."""
+    import glob
+
+    from detkit.errors import DataError
+
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        elif p.is_file():
+            found.append(p)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            if not matches:
+                raise DataError(f"{item}: no such file, folder or matching glob")
+            found += [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
+    seen, unique = set(), []
+    for f in found:
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            unique.append(f)
+    return unique

@@ -1,0 +1,174 @@
+"""The training engine: run directory, resume, non-finite losses, atomic checkpoints, trainer passthrough."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+
+import detkit
+from conftest import TINY_CONFIG, tiny_detector_overrides
+from detkit.config import load_config
+from detkit.engine.optim import lr_factor, param_groups
+from detkit.errors import ConfigError, TrainingError
+
+REQUIRED = ["bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_APs", "bbox_APm", "bbox_APl", "bbox_AR100", "voc07_mAP",
+            "voc12_mAP", "per_class"]
+
+
+def state(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(shapes_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    run = detkit.train(TINY_CONFIG, tiny_detector_overrides(shapes_dir, out, "train.epochs=2",
+                                                             "trainer.limit_train_batches=3"))
+    return run
+
+
+def test_train_writes_a_complete_run_directory(trained_run):
+    run = trained_run
+    for name in ("config.yaml", "checkpoints/last.ckpt", "checkpoints/best.ckpt", "metrics.json", "csv/metrics.csv"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in REQUIRED:
+        assert key in metrics
+    for key, value in metrics.items():
+        if key != "per_class" and value is not None:
+            assert 0.0 <= value <= 1.0, key
+    assert set(metrics["per_class"]) == {"circle", "square", "triangle", "star"}
+    cfg = load_config(run / "config.yaml")  # the resolved config loads back as it is
+    assert cfg.output_dir == str(run)
+    ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 6
+    assert ckpt["hyper_parameters"]["classes"] == ["circle", "square", "triangle", "star"]
+    assert "detkit_rng" in ckpt
+
+
+def test_evaluate_a_run_directory_gives_its_metrics(trained_run):
+    metrics, out = detkit.evaluate(trained_run, checkpoint=trained_run / "checkpoints/last.ckpt")
+    assert out == trained_run
+    saved = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["bbox_AP"] == pytest.approx(saved["bbox_AP"], abs=1e-12)
+    assert list((trained_run / "pr_curves").glob("*.png"))
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(shapes_dir, tmp_path):
+    common = ("train.epochs=2", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1")
+    full = detkit.train(TINY_CONFIG, tiny_detector_overrides(shapes_dir, tmp_path / "full", *common))
+    part = detkit.train(TINY_CONFIG, tiny_detector_overrides(shapes_dir, tmp_path / "part", *common,
+                                                             "trainer.max_steps=3"))  # stops after epoch 1
+    assert torch.load(part / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 3
+    cfg = load_config(part / "config.yaml", ["trainer.max_steps=-1"])
+    resumed = detkit.train(cfg, resume=part)
+    assert resumed == part
+    a, b = state(full / "checkpoints/last.ckpt"), state(part / "checkpoints/last.ckpt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+
+class PoisonWeights(L.Callback):
+    """Sets one weight to NaN before the 5th step (the 2nd epoch's 2nd batch)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 4:
+            with torch.no_grad():
+                next(pl_module.model.head.parameters()).fill_(float("nan"))
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_good_checkpoints(shapes_dir, tmp_path):
+    overrides = tiny_detector_overrides(shapes_dir, tmp_path / "nan", "train.epochs=3",
+                                        "trainer.limit_train_batches=3", "trainer.limit_val_batches=1")
+    with pytest.raises(TrainingError, match="loss is not finite at epoch 1, step 4"):
+        detkit.train(TINY_CONFIG, overrides, callbacks=[PoisonWeights()])
+    last = state(tmp_path / "nan/checkpoints/last.ckpt")
+    assert all(torch.isfinite(v).all() for v in last.values() if v.is_floating_point())
+
+
+def test_checkpoint_with_nan_weights_is_refused(shapes_dir, tmp_path):
+    from detkit.engine.module import DetectionModule
+
+    module = DetectionModule(load_config(TINY_CONFIG, tiny_detector_overrides(shapes_dir, tmp_path)), ["a"])
+    with torch.no_grad():
+        next(module.model.parameters()).fill_(float("inf"))
+    with pytest.raises(TrainingError, match="NaN/inf"):
+        module.on_save_checkpoint({"state_dict": module.state_dict()})
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    from detkit.engine.callbacks import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=False)["state_dict"]["w"], torch.ones(2))
+
+
+def test_trainer_keys_are_lightning_arguments_and_typos_are_caught():
+    accepted = inspect.signature(L.Trainer.__init__).parameters
+    from detkit.engine.run import trainer_kwargs
+
+    kwargs = trainer_kwargs(load_config(None))
+    assert set(kwargs) <= set(accepted)
+    with pytest.raises(ConfigError, match=r"did you mean 'trainer.max_steps'"):
+        load_config(None, ["trainer.max_step=5"])
+    with pytest.raises(ConfigError, match="16-mixed needs a GPU"):
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+        trainer_kwargs(load_config(None, ["trainer.precision=16-mixed", "trainer.accelerator=cpu"]))
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    decay, no_decay = param_groups(model, 1e-4, 0.0)
+    assert decay["params"] == [model[2].weight] and decay["weight_decay"] == 1e-4
+    assert {id(p) for p in no_decay["params"]} == {id(model[0].bias), id(model[1].weight), id(model[1].bias),
+                                                   id(model[2].bias)}
+    assert no_decay["weight_decay"] == 0.0
+
+
+def test_learning_rate_schedule():
+    t = load_config(None, ["train.warmup_iters=10", "train.warmup_factor=0.1", "train.scheduler=cosine"]).train
+    assert lr_factor(0, t, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(5, t, 100, 10) == pytest.approx(0.55 * 0.5 * (1 + math.cos(math.pi * 0.05)))
+    assert lr_factor(50, t, 100, 10) == pytest.approx(0.5)
+    assert lr_factor(100, t, 100, 10) == pytest.approx(0.0)
+    m = load_config(None, ["train.warmup_iters=0", "train.scheduler=multistep", "train.milestones=[2,3]"]).train
+    assert [lr_factor(s, m, 40, 10) for s in (0, 19, 20, 30)] == pytest.approx([1, 1, 0.1, 0.01])
+
+
+def test_bf16_mixed_precision_trains_on_cpu(shapes_dir, tmp_path):
+    run = detkit.train(TINY_CONFIG, tiny_detector_overrides(shapes_dir, tmp_path / "bf16", "train.epochs=1",
+                                                             "trainer.limit_train_batches=2",
+                                                             "trainer.limit_val_batches=1",
+                                                             "trainer.precision=bf16-mixed"))
+    assert (run / "checkpoints/last.ckpt").is_file()
+
+
+def test_ema_weights_are_checkpointed_and_restored(shapes_dir, tmp_path):
+    run = detkit.train(TINY_CONFIG, tiny_detector_overrides(shapes_dir, tmp_path / "ema", "train.epochs=1",
+                                                             "trainer.limit_train_batches=3",
+                                                             "trainer.limit_val_batches=1", "train.ema.enabled=true",
+                                                             "train.ema.decay=0.5"))
+    ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
+    assert "current_model_state" in ckpt  # EMA weights in state_dict, the raw ones kept for resuming
+    ema, raw = ckpt["state_dict"], ckpt["current_model_state"]
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema if ema[k].is_floating_point())
