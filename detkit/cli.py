@@ -342,7 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (argparse stops a positional list at the first option)
+    strays = [e for e in extra if "=" not in e or e.startswith("-")]
+    if strays or (extra and not hasattr(args, "overrides") and not hasattr(args, "args")):
+        parser.error(f"unrecognized arguments: {' '.join(strays or extra)}")
+    if extra:
+        (args.overrides if isinstance(getattr(args, "overrides", None), list) else args.args).extend(extra)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     if not hasattr(args, "func"):
         parser.print_help()

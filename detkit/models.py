@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from detkit.errors import ConfigError
+from detkit.errors import ConfigError, DataError
 
 TWO_STAGE = ("faster_rcnn", "mask_rcnn")
 TRAIN_TARGET_KEYS = ("boxes", "labels", "masks")
@@ -43,7 +43,12 @@ class Detector(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("in training mode the model needs targets (boxes, labels per image)")
-            _, losses = self.head(self.features(images), images, image_sizes, train_targets(targets))
+            targets = train_targets(targets)
+            if getattr(getattr(self.head, "roi_heads", None), "has_mask", lambda: False)() and \
+                    any("masks" not in t for t in targets):
+                raise DataError("mask_rcnn needs instance masks, and this dataset has none (VOC/YOLO boxes only): "
+                                "use model.head.name=faster_rcnn or a dataset with masks")
+            _, losses = self.head(self.features(images), images, image_sizes, targets)
             return losses
         detections, _ = self.head(self.features(images), images, image_sizes, None)
         return [self.to_original(d, size, scales[i] if scales is not None else None,

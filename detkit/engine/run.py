@@ -124,6 +124,8 @@ def check_config(cfg: DictConfig) -> None:
     needs = "coco" if main.startswith(("bbox_", "segm_")) else main.split("_")[0]
     if needs not in metrics:
         raise ConfigError(f"eval.main_metric = {main}: needs '{needs}' in eval.metrics (has {metrics})")
+    if main.startswith("segm_") and cfg.model.head.name != "mask_rcnn":
+        raise ConfigError(f"eval.main_metric = {main}: mask AP needs model.head.name = mask_rcnn")
 
 
 # ----------------------------------------------------------------------------------------------- train

@@ -1,0 +1,59 @@
+"""Multi-process (DDP, gloo on CPU): training runs, and validation metrics equal the 1-process ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TINY_CONFIG, tiny_detector_overrides
+
+
+def detkit_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "detkit", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def odd_shapes(tmp_path_factory):
+    """7 validation images: a 2-process sampler pads one rank with a repeated image."""
+    from detkit.data.shapes import make_shapes
+
+    out = tmp_path_factory.mktemp("shapes_odd")
+    counts = make_shapes(out, num_images=40, image_size=64, seed=5)
+    assert counts["val"] % 2 == 1
+    return out
+
+
+@pytest.mark.timeout(900)
+def test_two_process_ddp_training_and_validation_metrics_equal_one_process(odd_shapes, tmp_path):
+    run = tmp_path / "run"
+    overrides = tiny_detector_overrides(odd_shapes, run, "train.epochs=1", "trainer.limit_train_batches=3",
+                                        "data.batch_size=2", "model.head.params.box_score_thresh=0.0")
+    ddp = ["trainer.devices=2", "trainer.strategy=ddp"]
+    trained = detkit_cli("train", str(TINY_CONFIG), *overrides, *ddp)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (run / "checkpoints/last.ckpt").is_file() and (run / "metrics.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # both processes wrote into one run directory
+
+    one = detkit_cli("eval", str(run), "--checkpoint", str(run / "checkpoints/last.ckpt"), "--out",
+                     str(tmp_path / "one.json"), "trainer.enable_progress_bar=false")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = detkit_cli("eval", str(run), "--checkpoint", str(run / "checkpoints/last.ckpt"), "--out",
+                     str(tmp_path / "two.json"), "trainer.enable_progress_bar=false", *ddp)
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1 = json.loads((tmp_path / "one.json").read_text())
+    m2 = json.loads((tmp_path / "two.json").read_text())
+    assert m1["bbox_AR100"] > 0  # the model detects something, so a missed or doubled image would show
+    assert m1.keys() == m2.keys()
+    for key in m1:
+        if key == "per_class":
+            assert m1[key] == pytest.approx(m2[key], abs=1e-9)
+        elif m1[key] is None:
+            assert m2[key] is None
+        else:
+            assert m2[key] == pytest.approx(m1[key], abs=1e-9), key
