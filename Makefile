@@ -15,13 +15,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
-# The demo, for now: the generated shapes dataset (made once), its statistics, what the model will see,
-# and the backbone table. The detection issue replaces this with train -> eval -> predict.
+# The demo: train a small Faster R-CNN from scratch on the generated shapes set (made on first use) on the
+# CPU, evaluate it (metrics.json, PR curves), and draw its predictions on a few validation images.
+DEMO ?= runs/demo
 demo: $(STAMP)
-	@test -f data/shapes/annotations/instances_val.json || $(VENV)/bin/detkit data make-shapes data/shapes
-	$(VENV)/bin/detkit data stats configs/_base_/data/shapes.yaml --split train
-	$(VENV)/bin/detkit data show configs/_base_/data/shapes.yaml --out runs/demo/data-show -n 8
-	$(VENV)/bin/detkit backbones
+	rm -rf $(DEMO)
+	$(VENV)/bin/detkit train configs/faster_rcnn/shapes.yaml output_dir=$(DEMO)/train
+	$(VENV)/bin/detkit eval $(DEMO)/train
+	$(VENV)/bin/detkit predict $(DEMO)/train 'data/shapes/images/val/00000*.jpg' --out $(DEMO)/predict
+	@echo "demo outputs: $(DEMO)/train (checkpoints, metrics.json, pr_curves/, logs) and $(DEMO)/predict (drawn images)"
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

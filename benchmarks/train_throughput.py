@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import platform
+import random
 import shutil
 import statistics
 import tempfile
@@ -39,6 +40,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 
 import detkit
@@ -74,14 +76,17 @@ class Window:
         self.warmup, self.steps, self.device = warmup, steps, device
         self.seen = self.images = 0
         self.t0 = self.t1 = None
+        self.first_loss: float | None = None
 
     def start(self) -> None:
         if self.seen == self.warmup:
             synchronize(self.device)
             self.t0 = time.perf_counter()
 
-    def end(self, batch_images: int) -> bool:
+    def end(self, batch_images: int, loss: torch.Tensor | None = None) -> bool:
         """After a step; True once the window is complete."""
+        if self.seen == 0 and loss is not None:
+            self.first_loss = float(loss)
         self.seen += 1
         if self.seen > self.warmup:
             self.images += batch_images
@@ -109,7 +114,8 @@ class WindowCallback(L.Callback):
         self.window.start()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.window.end(int(batch["images"].shape[0]))
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.window.end(int(batch["images"].shape[0]), loss)
 
 
 # ------------------------------------------------------------------------------------------------- sides
@@ -136,8 +142,14 @@ def run_bare(cfg, args, device: torch.device) -> Window:
     window = Window(args.warmup, args.steps, device)
     epoch = 0
     while True:
-        dm.set_epoch(epoch, epoch_seed(cfg.seed, epoch, 0))  # the engine calls this at every epoch start
-        for batch in dm.train_dataloader():
+        # as the engine at every epoch start: sampler order, augmentations and RPN/RoI sampling seeded by the epoch
+        dm.set_epoch(epoch, epoch_seed(cfg.seed, epoch, 0))
+        batches = iter(dm.train_dataloader())
+        seed = epoch_seed(cfg.seed, epoch, 0)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        for batch in batches:
             window.start()
             batch = to_device(batch, device)
             with autocast(device, args.precision):
@@ -153,7 +165,7 @@ def run_bare(cfg, args, device: torch.device) -> Window:
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            if window.end(int(batch["images"].shape[0])):
+            if window.end(int(batch["images"].shape[0]), loss.detach()):
                 return window
         epoch += 1
 
@@ -224,8 +236,10 @@ def main() -> None:
     for r in range(args.rounds):
         for name, fn in sides if r % 2 == 0 else sides[::-1]:
             w = fn(cfg, args, device)
-            runs[name].append({"images_per_s": w.rate, "seconds": w.seconds, "images": w.images})
-            print(f"round {r + 1} {name:7s} {w.rate:8.2f} img/s ({w.images} images in {w.seconds:.2f} s)")
+            runs[name].append({"images_per_s": w.rate, "seconds": w.seconds, "images": w.images,
+                               "first_loss": w.first_loss})
+            print(f"round {r + 1} {name:7s} {w.rate:8.2f} img/s ({w.images} images in {w.seconds:.2f} s; "
+                  f"first-step loss {w.first_loss:.6f})")
     bare = statistics.median(x["images_per_s"] for x in runs["bare"])
     ours = statistics.median(x["images_per_s"] for x in runs["detkit"])
     ratio = ours / bare
@@ -236,13 +250,16 @@ def main() -> None:
     print(f"{'detkit engine (Lightning)':28s} {ours:8.2f} {ratio:6.3f}")
     print(f"ratio = detkit / bare images/s (median of {args.rounds} rounds); engine overhead per step: "
           f"{overhead:+.1f} %")
+    losses = {x["first_loss"] for v in runs.values() for x in v}
+    same = len(losses) == 1
+    print(f"same training (equal first-step losses on both sides): {'yes' if same else 'no'}")
     if args.json:
         out = {"torch": torch.__version__, "lightning": L.__version__, "threads": torch.get_num_threads(),
                "device": args.device, "device_name": device_name, "precision": args.precision,
                "config": args.config, "overrides": list(args.set), "batch": args.batch, "image_size":
                int(cfg.data.image_size), "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
                "load_average": list(os.getloadavg()), "bare_images_per_s": bare, "detkit_images_per_s": ours,
-               "ratio": ratio, "overhead_pct": overhead, "runs": runs}
+               "ratio": ratio, "overhead_pct": overhead, "same_first_step_loss": same, "runs": runs}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.json}")

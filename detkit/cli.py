@@ -340,6 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_lightning() -> None:
+    """Lightning's messages once (through its own handler, not ours too), without its advertising."""
+    import warnings
+
+    import lightning  # noqa: F401  (attaches its handler to the "lightning" logger)
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: not record.name.startswith("lightning"))
+    for handler in logging.getLogger("lightning").handlers:
+        handler.addFilter(lambda record: "litlogger" not in record.getMessage())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -350,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         (args.overrides if isinstance(getattr(args, "overrides", None), list) else args.args).extend(extra)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if args.command in ("train", "eval", "predict"):
+        _quiet_lightning()
     if not hasattr(args, "func"):
         parser.print_help()
         return 2

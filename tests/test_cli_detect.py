@@ -42,6 +42,19 @@ def test_eval_prints_a_table_and_writes_metrics_and_pr_curves(cli_run, capsys, t
     metrics = json.loads(out.read_text())
     assert 0 <= metrics["bbox_AP50"] <= 1 and "per_class" in metrics
     assert (cli_run / "pr_curves" / "pr_overall.png").is_file()
+    # the scored detections, re-scored with no model involved, give the same numbers
+    rescored = tmp_path / "rescored.json"
+    assert main(["eval", "--predictions", str(cli_run / "predictions.json"), "--ground-truth",
+                 str(_val_json(cli_run)), "--out", str(rescored)]) == 0
+    again = json.loads(rescored.read_text())
+    for key in ("bbox_AP", "bbox_AP50", "voc07_mAP", "voc12_mAP"):
+        assert again[key] == pytest.approx(metrics[key], abs=1e-12), key
+
+
+def _val_json(run):
+    from detkit.config import load_config
+
+    return load_config(run / "config.yaml").data.val.annotations
 
 
 def test_predict_a_folder_skips_unreadable_images(cli_run, shapes_dir, tmp_path, capsys):

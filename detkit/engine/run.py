@@ -8,6 +8,7 @@ and, after ``detkit eval``, ``pr_curves/``.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 from pathlib import Path
@@ -70,9 +71,9 @@ def _csv_version(out: Path) -> str:
     if not (out / "csv" / "metrics.csv").exists():
         return ""
     n = 1
-    while (out / "csv" / f"resumed-{n}").exists():
+    while (out / "csv" / f"restart-{n}").exists():
         n += 1
-    return f"resumed-{n}"
+    return f"restart-{n}"
 
 
 def build_trainer(cfg: DictConfig, out: Path, *, fit: bool = True, callbacks: list | None = None) -> L.Trainer:
@@ -211,7 +212,8 @@ def evaluate(target: str | Path, checkpoint: str | Path | None = None, overrides
              split: str = "val", plots: bool = True) -> tuple[dict[str, Any], Path]:
     """Validate a run directory (its best checkpoint) or a config + ``checkpoint``; returns (metrics, out dir).
 
-    Writes ``metrics.json`` and ``pr_curves/*.png`` into the run directory (or the config's ``output_dir``).
+    Writes ``metrics.json``, ``predictions.json`` (the scored detections as COCO results with the dataset's own
+    ids) and ``pr_curves/*.png`` into the run directory (or the config's ``output_dir``).
     """
     from detkit.engine.callbacks import write_metrics
 
@@ -243,6 +245,12 @@ def evaluate(target: str | Path, checkpoint: str | Path | None = None, overrides
     metrics = module.metrics
     if trainer.is_global_zero:
         write_metrics(metrics, out / "metrics.json")
-        if plots and module.evaluator is not None:
-            module.evaluator.plot_pr_curves(out / "pr_curves")
+        if module.evaluator is not None:
+            from detkit.evaluation import results_to_dataset_ids
+
+            # the scored detections, with the dataset's own image and category ids (COCO results format)
+            results = results_to_dataset_ids(module.evaluator.results(), list(dm.dataset("val").cat_ids))
+            (out / "predictions.json").write_text(json.dumps(results))
+            if plots:
+                module.evaluator.plot_pr_curves(out / "pr_curves")
     return metrics, out
