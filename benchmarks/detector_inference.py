@@ -10,7 +10,7 @@ speed); wrapper overhead = (ratio - 1) * 100 %. Usage:
         [--repeats 20] [--warmup 3] [--threads N] [--device cpu|cuda] [--precision 32|16-mixed|bf16-mixed]
         [--json OUT]
 
-Cases (``name@size`` sets the square input size; the default is the model's own):
+Cases (``name@size`` sets the square input size, a multiple of 32; the default is the model's own):
 
 - ``resnet50_fpn`` (800): ``fasterrcnn_resnet50_fpn`` vs detkit's config (ResNet-50, BN, P2-P6, P6 by max-pool).
 - ``mobilenet_v3_large_320_fpn`` (320) and ``mobilenet_v3_large_fpn`` (800): torchvision's builders vs detkit
@@ -235,9 +235,15 @@ def parse_case(spec: str) -> tuple[str, int]:
     name, _, size = spec.partition("@")
     if name not in CASES:
         raise SystemExit(f"detector_inference.py: unknown case {name!r} (known: {', '.join(CASES)})")
-    if size and (not size.isdigit() or int(size) < 32):
-        raise SystemExit(f"detector_inference.py: bad size in {spec!r} (expected name@N, N >= 32)")
+    if size and (not size.isdigit() or int(size) < 32 or int(size) % 32):
+        # torchvision pads its batches to multiples of 32: other sizes would give the two models different inputs
+        raise SystemExit(f"detector_inference.py: bad size in {spec!r} (expected name@N, N a multiple of 32)")
     return name, int(size) if size else CASES[name].size
+
+
+def cores() -> int:
+    """The CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def main() -> None:
@@ -246,7 +252,7 @@ def main() -> None:
                         help=f"default: {' '.join(DEFAULT_CASES)}; known: {', '.join(CASES)}")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs of each model (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs of each model first")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+    parser.add_argument("--threads", type=int, default=cores(),
                         help="torch.set_num_threads (default: all cores available)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--precision", default="32", choices=["32", "16-mixed", "bf16-mixed"],
@@ -293,7 +299,7 @@ def main() -> None:
         out = {"torch": torch.__version__, "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
                "device": args.device, "device_name": device_name, "precision": args.precision, "batch": 1,
                "repeats": args.repeats, "warmup": args.warmup, "score_thresh": args.score_thresh,
-               "load_average": list(os.getloadavg()),
+               "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
                "results": rows}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))

@@ -184,6 +184,13 @@ def run_detkit(cfg, args, device: torch.device) -> Window:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+
+
+def cores() -> int:
+    """The CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs/faster_rcnn/shapes.yaml"))
@@ -191,7 +198,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each side, alternating (median reported)")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+    parser.add_argument("--threads", type=int, default=cores(),
                         help="torch.set_num_threads (default: all cores available)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--precision", default="32", choices=["32", "16-mixed", "bf16-mixed"])
@@ -250,15 +257,16 @@ def main() -> None:
     print(f"{'detkit engine (Lightning)':28s} {ours:8.2f} {ratio:6.3f}")
     print(f"ratio = detkit / bare images/s (median of {args.rounds} rounds); engine overhead per step: "
           f"{overhead:+.1f} %")
-    losses = {x["first_loss"] for v in runs.values() for x in v}
-    same = len(losses) == 1
+    losses = [x["first_loss"] for v in runs.values() for x in v]
+    same = max(losses) - min(losses) <= 1e-4 * max(1.0, abs(losses[0]))  # GPU kernels may differ in the last bits
     print(f"same training (equal first-step losses on both sides): {'yes' if same else 'no'}")
     if args.json:
         out = {"torch": torch.__version__, "lightning": L.__version__, "threads": torch.get_num_threads(),
                "device": args.device, "device_name": device_name, "precision": args.precision,
                "config": args.config, "overrides": list(args.set), "batch": args.batch, "image_size":
                int(cfg.data.image_size), "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
-               "load_average": list(os.getloadavg()), "bare_images_per_s": bare, "detkit_images_per_s": ours,
+               "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+               "bare_images_per_s": bare, "detkit_images_per_s": ours,
                "ratio": ratio, "overhead_pct": overhead, "same_first_step_loss": same, "runs": runs}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
