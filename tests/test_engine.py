@@ -172,3 +172,33 @@ def test_ema_weights_are_checkpointed_and_restored(shapes_dir, tmp_path):
     assert "current_model_state" in ckpt  # EMA weights in state_dict, the raw ones kept for resuming
     ema, raw = ckpt["state_dict"], ckpt["current_model_state"]
     assert any(not torch.equal(ema[k], raw[k]) for k in ema if ema[k].is_floating_point())
+    from detkit.engine import load_checkpoint
+
+    module = load_checkpoint(run / "checkpoints/last.ckpt")  # evaluation and prediction use the EMA weights
+    torch.testing.assert_close(module.state_dict()["model.head.rpn.head.cls_logits.weight"],
+                               ema["model.head.rpn.head.cls_logits.weight"])
+
+
+def test_gradient_accumulation_and_early_stopping_come_from_config(shapes_dir, tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from detkit.engine.run import build_trainer
+
+    cfg = load_config(TINY_CONFIG, tiny_detector_overrides(shapes_dir, tmp_path / "acc", "train.epochs=1",
+                                                           "trainer.limit_train_batches=4",
+                                                           "trainer.limit_val_batches=1",
+                                                           "trainer.accumulate_grad_batches=2"))
+    run = detkit.train(cfg)
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 2  # 4 batches / 2
+    cfg.train.early_stopping_patience = 3
+    stoppers = [c for c in build_trainer(cfg, tmp_path / "es").callbacks if isinstance(c, EarlyStopping)]
+    assert len(stoppers) == 1 and stoppers[0].monitor == "val/bbox_AP" and stoppers[0].patience == 3
+
+
+def test_mask_rcnn_trains_and_reports_mask_ap(shapes_dir, tmp_path):
+    overrides = tiny_detector_overrides(shapes_dir, tmp_path / "mask", "train.epochs=1",
+                                        "trainer.limit_train_batches=2", "model.head.params.mask_head_layers=[16,16]")
+    run = detkit.train(detkit.load_config(TINY_CONFIG.parent.parent / "mask_rcnn" / "shapes.yaml", overrides))
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("segm_AP", "segm_AP50", "bbox_AP"):
+        assert metrics[key] is not None and 0.0 <= metrics[key] <= 1.0

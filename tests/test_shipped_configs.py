@@ -28,6 +28,13 @@ def test_shipped_config_builds(path, monkeypatch):
         feats = backbone(torch.randn(1, 3, 96, 96))
         out = neck.eval()(feats) if neck is not None else feats
     assert list(out) == (list(cfg.model.neck.levels) if neck is not None else list(cfg.model.backbone.out_levels))
+    if neck is not None:  # the whole model builds from the config, and detects
+        from detkit import build_model
+
+        model = build_model(cfg).eval()
+        with torch.no_grad():
+            (det,) = model(torch.randn(1, 3, 128, 128))
+        assert det["boxes"].shape[1] == 4 and len(det["scores"]) == len(det["labels"])
 
 
 def test_examples_exist():
