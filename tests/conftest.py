@@ -60,6 +60,7 @@ def tiny_detector_overrides(root, out, *extra: str) -> list[str]:
         "model.backbone.name=resnet18", "model.neck.out_channels=32", "model.head.params.box_head_dim=64",
         "model.head.params.anchor_sizes=[[8],[16],[32],[64]]", "train.warmup_iters=2",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.accelerator=cpu",
+        "trainer.check_val_every_n_epoch=1",
         f"output_dir={out}", *extra,
     ]
 

@@ -179,6 +179,15 @@ def test_ema_weights_are_checkpointed_and_restored(shapes_dir, tmp_path):
                                ema["model.head.rpn.head.cls_logits.weight"])
 
 
+def test_final_weights_are_validated_when_the_last_epoch_was_not(shapes_dir, tmp_path):
+    run = detkit.train(TINY_CONFIG, tiny_detector_overrides(shapes_dir, tmp_path / "every4", "train.epochs=1",
+                                                             "trainer.limit_train_batches=2",
+                                                             "trainer.check_val_every_n_epoch=4"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["bbox_AP"] <= 1.0
+    assert (run / "checkpoints/best.ckpt").is_file() and (run / "checkpoints/last.ckpt").is_file()
+
+
 def test_gradient_accumulation_and_early_stopping_come_from_config(shapes_dir, tmp_path):
     from lightning.pytorch.callbacks import EarlyStopping
 

@@ -47,6 +47,7 @@ class DetectionModule(L.LightningModule):
         self.normalizer = Normalizer(self.model.backbone.mean, self.model.backbone.std)
         self.evaluator = None
         self.metrics: dict[str, Any] = {}
+        self.validated_step = -1  # the global step of the last full validation
         self.skipped = 0
 
     @property
@@ -129,6 +130,7 @@ class DetectionModule(L.LightningModule):
             return
         self.evaluator.gather()
         self.metrics = self.evaluator.compute()
+        self.validated_step = self.global_step
         scalars = {f"val/{k}": float(v) for k, v in self.metrics.items()
                    if isinstance(v, int | float) and v is not None and math.isfinite(v)}
         main = f"val/{self.cfg.eval.main_metric}"

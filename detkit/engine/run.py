@@ -94,7 +94,7 @@ def build_trainer(cfg: DictConfig, out: Path, *, fit: bool = True, callbacks: li
     cbs: list = [
         # last.ckpt after every epoch (a callback of its own: Lightning's save_last only follows a new best)
         ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None, save_top_k=1,
-                        auto_insert_metric_name=False, enable_version_counter=False),
+                        save_on_train_epoch_end=True, auto_insert_metric_name=False, enable_version_counter=False),
         LearningRateMonitor("step"),
         *([ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=main, mode="max", save_top_k=1,
                            auto_insert_metric_name=False, enable_version_counter=False)] if has_val else []),
@@ -182,11 +182,23 @@ def train(cfg: DictConfig | str | Path | None, overrides: list[str] | tuple[str,
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(to_yaml(cfg))
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt is not None else None)
+        if module.evaluator is not None and module.validated_step != trainer.global_step and not trainer.interrupted:
+            final_validation(trainer, module, dm, out)
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
     if module.skipped:
         log.warning("%d images could not be read and were skipped (see the warnings above)", module.skipped)
     return out
+
+
+def final_validation(trainer: L.Trainer, module, dm, out: Path) -> None:
+    """Validate the final weights when the last epoch did not (``check_val_every_n_epoch``, ``max_steps``), so
+    ``metrics.json`` describes them; they become ``best.ckpt`` when they beat the best validated so far."""
+    trainer.validate(module, datamodule=dm, verbose=False)
+    best = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
+    score = module.metrics.get(module.cfg.eval.main_metric)
+    if best is not None and score is not None and (best.best_model_score is None or score > best.best_model_score):
+        trainer.save_checkpoint(out / "checkpoints" / "best.ckpt")
 
 
 # -------------------------------------------------------------------------------------------- evaluate
