@@ -255,3 +255,18 @@ def test_masks_must_have_the_original_size(shapes_dir):
     prediction["masks"] = torch.rand(1, 1, 96, 96)
     evaluator.update([prediction], [dataset.records[0].image_id])
     assert set(evaluator.compute()) >= {"segm_AP", "voc12_mAP"}
+
+
+def test_only_seen_scores_the_predicted_images_alone():
+    from detkit.evaluation import DetectionEvaluator
+
+    gt = {"images": [{"id": i, "width": 100, "height": 100} for i in (1, 2)],
+          "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [10, 10, 30, 30], "area": 900,
+                           "iscrowd": 0} for i in (1, 2)],
+          "categories": [{"id": 1, "name": "a"}]}
+    ev = DetectionEvaluator(gt, metrics=("coco", "voc07"))
+    ev.update([{"boxes": torch.tensor([[10.0, 10.0, 40.0, 40.0]]), "scores": torch.tensor([0.9]),
+                "labels": torch.tensor([1])}], [1])
+    assert ev.compute()["bbox_AP50"] == pytest.approx(0.5, abs=0.01)  # image 2 never predicted: a miss
+    seen = ev.compute(only_seen=True)
+    assert seen["bbox_AP50"] == pytest.approx(1.0) and seen["voc07_mAP"] == pytest.approx(1.0)

@@ -129,7 +129,8 @@ class DetectionModule(L.LightningModule):
         if self.evaluator is None or self.trainer.sanity_checking:
             return
         self.evaluator.gather()
-        self.metrics = self.evaluator.compute()
+        limit = self.trainer.limit_val_batches  # a limited validation is scored on the images it saw
+        self.metrics = self.evaluator.compute(only_seen=limit is not None and limit != 1.0)
         self.validated_step = self.global_step
         scalars = {f"val/{k}": float(v) for k, v in self.metrics.items()
                    if isinstance(v, int | float) and v is not None and math.isfinite(v)}

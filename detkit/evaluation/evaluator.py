@@ -135,9 +135,19 @@ class DetectionEvaluator:
         """Every held prediction as COCO results (ground-truth category ids), in image-id order."""
         return [r for image_id in sorted(self._results, key=_sort_key) for r in self._results[image_id]]
 
-    def compute(self) -> dict[str, Any]:
+    def compute(self, only_seen: bool = False) -> dict[str, Any]:
         """One flat dict: ``<iou type>_<stat>`` (COCO), ``voc07_mAP``, ``voc12_mAP``, and ``per_class`` ({class:
-        bbox AP@[.5:.95] with COCO on, else VOC AP}); values in [0, 1] or ``None`` (nothing to measure)."""
+        bbox AP@[.5:.95] with COCO on, else VOC AP}); values in [0, 1] or ``None`` (nothing to measure).
+
+        ``only_seen``: score against the images that were predicted (with or without detections) only, for a
+        validation limited on purpose (``trainer.limit_val_batches``); by default every ground-truth image
+        counts, and an image never predicted is one where nothing was found."""
+        gt = self.gt
+        if only_seen and len(self._results) < len(self._image_ids):
+            seen = set(self._results)
+            log.info("scoring the %d of %d validation images that were evaluated", len(seen), len(self._image_ids))
+            gt = {**self.gt, "images": [i for i in self.gt["images"] if i["id"] in seen],
+                  "annotations": [a for a in self.gt["annotations"] if a["image_id"] in seen]}
         if self._unknown:
             log.warning("%d predicted images are not in the ground truth and were left out", self._unknown)
         results = self.results()
@@ -149,12 +159,12 @@ class DetectionEvaluator:
         out: dict[str, Any] = {}
         per_class: dict[str, float | None] = {}
         if "coco" in self.metrics:
-            self.coco_report = coco_metrics(self.gt, results, self.iou_types, self.backend, self.class_names)
+            self.coco_report = coco_metrics(gt, results, self.iou_types, self.backend, self.class_names)
             out.update(self.coco_report.metrics)
             per_class = self.coco_report.per_class["bbox" if "bbox" in self.iou_types else self.iou_types[0]]
         voc_methods = [m for m in self.metrics if m.startswith("voc")]
         if voc_methods:
-            self.voc_report = voc_metrics(self.gt, results, class_names=self.class_names)
+            self.voc_report = voc_metrics(gt, results, class_names=self.class_names)
             for method in voc_methods:
                 out[f"{method}_mAP"] = self.voc_report.mAP[method]
             if not per_class:
