@@ -157,6 +157,13 @@ def _split_config_and_overrides(items: list[str], resume: str | None) -> tuple[s
     return None, items
 
 
+def _is_main_process() -> bool:
+    """False in the extra processes of a multi-process (DDP) run, which re-run the command: they print nothing."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from detkit.config import load_config
     from detkit.engine import train
@@ -174,6 +181,8 @@ def _train(args: argparse.Namespace) -> int:
             raise DetkitError(f"{args.resume}: give the CONFIG to resume with")
         cfg = load_config(run / "config.yaml", overrides)
     out = train(cfg, resume=args.resume)
+    if not _is_main_process():
+        return 0
     print(f"run directory: {out}")
     metrics = out / "metrics.json"
     if metrics.is_file():
@@ -195,6 +204,8 @@ def _eval(args: argparse.Namespace) -> int:
         if not args.target:
             raise DetkitError("give a RUN_DIR or CONFIG (or --predictions with --ground-truth)")
         metrics, run = evaluate(args.target, args.checkpoint, args.overrides, split=args.split)
+        if not _is_main_process():
+            return 0
         out = Path(args.out) if args.out else run / "metrics.json"
         if args.out:
             from detkit.engine.callbacks import write_metrics
@@ -352,6 +363,8 @@ def _quiet_lightning() -> None:
         handler.addFilter(lambda record: "litlogger" not in record.getMessage())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval")
+    # the evaluator counts each image once (sampler padding de-duplicated by image id): the advice does not apply
+    warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
