@@ -101,3 +101,22 @@ def test_cli_errors_are_one_line(cli_run, tmp_path, capsys):
     assert main(["predict", str(cli_run), str(tmp_path / "nothing*.jpg")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("detkit: error:") for line in err)
+
+
+def test_predictor_takes_16_bit_grey_tensors_and_arrays(cli_run, tmp_path):
+    from detkit.inference import Predictor, to_rgb_array
+
+    grey = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    arr = to_rgb_array(tmp_path / "g16.png")
+    assert arr.dtype == np.uint8 and arr.shape == (64, 64, 3) and arr.max() == round(grey.max() / 257)
+    assert to_rgb_array(torch.rand(64, 48)).shape == (64, 48, 3)
+    assert to_rgb_array(torch.rand(1, 64, 48)).shape == (64, 48, 3)
+    predictor = Predictor.from_checkpoint(cli_run)
+    results = predictor([tmp_path / "g16.png", np.zeros((50, 70, 3), np.uint8), torch.rand(3, 40, 40)])
+    assert len(results) == 3 and all(r["boxes"].shape[1] == 4 for r in results)
+    if not torch.cuda.is_available():
+        from detkit.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="no such CUDA device"):
+            Predictor.from_checkpoint(cli_run, device="cuda")

@@ -211,3 +211,13 @@ def test_mask_rcnn_trains_and_reports_mask_ap(shapes_dir, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("segm_AP", "segm_AP50", "bbox_AP"):
         assert metrics[key] is not None and 0.0 <= metrics[key] <= 1.0
+
+
+def test_main_metric_typos_are_caught_before_training(shapes_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"did you mean 'bbox_APl'"):
+        detkit.train(TINY_CONFIG, tiny_detector_overrides(shapes_dir, tmp_path, "eval.main_metric=bbox_AP_l"))
+
+
+def test_eval_with_a_checkpoint_that_does_not_fit_the_config_is_one_line(trained_run):
+    with pytest.raises(ConfigError, match="does not fit the model"):
+        detkit.evaluate(trained_run, overrides=["model.neck.out_channels=16"])

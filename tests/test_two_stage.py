@@ -131,6 +131,11 @@ def test_crowd_boxes_are_not_training_targets():
     ("model.head.params.roi_levels=[p9]", "p9"),
     ("model.neck.name=none", "model.neck.name"),
     ("model.head.params.anchor_sizes=[[16],[32]]", "anchor_sizes"),
+    ("model.head.params.roi_levels=[p5,p4,p3,p2]", "consecutive levels from fine to coarse"),
+    ("model.head.params.rpn_levels=[p2,p4]", "consecutive levels"),
+    ("model.head.params.box_fg_iou_thresh=0.3", "box_bg_iou_thresh <= box_fg_iou_thresh"),
+    ("model.head.params.aspect_ratios=[]", "aspect_ratios"),
+    ("model.head.params.rpn_batch_size_per_image=0", "at least 1"),
 ])
 def test_bad_head_params_are_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as e:

@@ -105,11 +105,41 @@ def instance_masks_from_ids(ids: np.ndarray) -> np.ndarray:
     return (ids[None] == instances[:, None, None]).astype(np.uint8)
 
 
+def to_uint8_rgb(arr: np.ndarray, what: str = "image") -> np.ndarray:
+    """H x W (x 1/3/4) of any numeric type -> H x W x 3 uint8: integers scaled by their type's range (16-bit:
+    / 257), floats taken as 0..1 (a float image outside 0..1 raises :class:`DataError`)."""
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        raise DataError(f"{what}: expected an H x W x 3 image, got shape {arr.shape}")
+    arr = arr[..., :3]
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    if arr.dtype == np.bool_:
+        return np.ascontiguousarray(arr.astype(np.uint8) * 255)
+    if np.issubdtype(arr.dtype, np.floating):
+        if arr.size and (np.nanmin(arr) < 0 or np.nanmax(arr) > 1):
+            raise DataError(f"{what}: float images must hold values in 0..1 (found {np.nanmin(arr):.3g}.."
+                            f"{np.nanmax(arr):.3g})")
+        return np.ascontiguousarray(np.round(np.nan_to_num(arr) * 255).astype(np.uint8))
+    if np.issubdtype(arr.dtype, np.integer):
+        top = 65535 if arr.dtype.itemsize == 2 or (arr.size and arr.max() > 255) else 255
+        if arr.dtype.itemsize > 2 and arr.size and arr.max() > 65535:
+            top = int(np.iinfo(arr.dtype).max)
+        return np.ascontiguousarray(np.round(arr.astype(np.float64) * (255.0 / top)).clip(0, 255).astype(np.uint8))
+    raise DataError(f"{what}: unsupported pixel type {arr.dtype}")
+
+
 def read_image(path: Path) -> np.ndarray:
     """Read an image as H x W x 3 uint8 RGB; a missing, corrupt or truncated file raises :class:`DataError`."""
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / 32-bit grey: PIL's RGB would clip to 255
+                return to_uint8_rgb(np.asarray(im), str(path))
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None

@@ -135,8 +135,9 @@ class DetectionModule(L.LightningModule):
         scalars = {f"val/{k}": float(v) for k, v in self.metrics.items()
                    if isinstance(v, int | float) and v is not None and math.isfinite(v)}
         main = f"val/{self.cfg.eval.main_metric}"
-        if main in scalars:
-            self.log(main, scalars.pop(main), prog_bar=True, sync_dist=True)
+        if main not in scalars:  # null: nothing to measure (e.g. APl without large objects); still monitored
+            log.warning("%s is null on this validation set (nothing to measure): logged as 0", main[4:])
+        self.log(main, scalars.pop(main, 0.0), prog_bar=True, sync_dist=True)
         self.log_dict(scalars, sync_dist=True)
 
     # -------------------------------------------------------------------------------------- optimizers
@@ -162,7 +163,8 @@ class DetectionModule(L.LightningModule):
 
     # -------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        states = [checkpoint["state_dict"], checkpoint.get("current_model_state") or {}]  # EMA keeps both
+        bad = [k for s in states for k, v in s.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise TrainingError(f"weights hold NaN/inf values ({bad[0]} and {len(bad) - 1} more): not saving a "
                                 f"checkpoint; the previous checkpoints keep the last good weights")

@@ -24,6 +24,7 @@ from detkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 RUN_DIR_ENV = "DETKIT_RUN_DIR"  # set by the launching process, so DDP workers write into the same run directory
+COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 DETKIT_TRAINER_KEYS = {"max_epochs", "gradient_clip_val", "callbacks", "logger", "plugins", "default_root_dir",
                        "enable_checkpointing"}
 
@@ -122,6 +123,14 @@ def check_config(cfg: DictConfig) -> None:
         if m not in ("coco", "voc07", "voc12"):
             raise ConfigError(f"eval.metrics: unknown metric {m!r} (expected coco, voc07, voc12)")
     main = cfg.eval.main_metric
+    coco = [f"{t}_{s}" for t in ("bbox", "segm") for s in COCO_STATS]
+    known = coco + ["voc07_mAP", "voc12_mAP"]
+    if main not in known:
+        import difflib
+
+        close = difflib.get_close_matches(main, known, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (one of: {', '.join(known)})"
+        raise ConfigError(f"eval.main_metric = {main!r}: not a metric detkit computes{hint}")
     needs = "coco" if main.startswith(("bbox_", "segm_")) else main.split("_")[0]
     if needs not in metrics:
         raise ConfigError(f"eval.main_metric = {main}: needs '{needs}' in eval.metrics (has {metrics})")
@@ -216,7 +225,13 @@ def load_checkpoint(path: str | Path, cfg: DictConfig | None = None, map_locatio
         raise ConfigError(f"{path}: not a detkit checkpoint (no config/state_dict inside)")
     module = DetectionModule(cfg if cfg is not None else hp["config"], classes=hp.get("classes"),
                              cat_ids=hp.get("cat_ids"))
-    module.load_state_dict(ckpt["state_dict"])
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        raise ConfigError(f"{path}: the checkpoint does not fit the model of this config "
+                          f"({lines[0][:200] if lines else 'different keys or shapes'}); model.* overrides must "
+                          f"match the run's") from None
     return module
 
 

@@ -98,6 +98,11 @@ def build_two_stage_head(p: TwoStageParams, channels: int, strides: dict[str, in
         unknown = [k for k in chosen if k not in strides]
         if unknown:
             raise ConfigError(f"model.head.params.{key}: {unknown} not among the neck's levels {levels}")
+        ks = [strides[k] for k in chosen]
+        if not ks or any(b != 2 * a for a, b in zip(ks, ks[1:])):
+            raise ConfigError(f"model.head.params.{key} = {chosen}: give consecutive levels from fine to coarse "
+                              f"(e.g. {levels})")
+    check_params(p, masks)
     if p.roi_op not in ("roi_align", "roi_pool"):
         raise ConfigError(f"model.head.params.roi_op = {p.roi_op!r}: expected roi_align or roi_pool")
     if p.box_head not in ("2fc", "conv"):
@@ -138,6 +143,31 @@ def build_two_stage_head(p: TwoStageParams, channels: int, strides: dict[str, in
         p.box_score_thresh, p.box_nms_thresh, p.box_detections_per_img, **kwargs,
     )
     return TwoStageHead(rpn, roi_heads, rpn_levels)
+
+
+def check_params(p: TwoStageParams, masks: bool) -> None:
+    """Ranges and consistency of the settings (one-line errors instead of failures deep in torchvision)."""
+    where = "model.head.params"
+    for stage in ("rpn", "box"):
+        fg, bg = getattr(p, f"{stage}_fg_iou_thresh"), getattr(p, f"{stage}_bg_iou_thresh")
+        if not 0.0 <= bg <= fg <= 1.0:
+            raise ConfigError(f"{where}: need 0 <= {stage}_bg_iou_thresh <= {stage}_fg_iou_thresh <= 1 "
+                              f"(got {bg} and {fg})")
+    for key in ("rpn_positive_fraction", "box_positive_fraction", "rpn_nms_thresh", "box_nms_thresh",
+                "box_score_thresh", "mask_threshold"):
+        if not 0.0 <= getattr(p, key) <= 1.0:
+            raise ConfigError(f"{where}.{key} = {getattr(p, key)}: expected a value in [0, 1]")
+    for key in ("rpn_conv_depth", "rpn_batch_size_per_image", "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test",
+                "rpn_post_nms_top_n_train", "rpn_post_nms_top_n_test", "roi_output_size", "box_head_dim",
+                "box_batch_size_per_image", "box_detections_per_img", "mask_roi_output_size", "canonical_scale"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"{where}.{key} = {getattr(p, key)}: expected at least 1")
+    if not p.aspect_ratios or min(p.aspect_ratios) <= 0:
+        raise ConfigError(f"{where}.aspect_ratios = {p.aspect_ratios}: expected positive ratios (e.g. [0.5, 1, 2])")
+    if p.anchor_sizes is not None and (not all(p.anchor_sizes) or min(min(s) for s in p.anchor_sizes) <= 0):
+        raise ConfigError(f"{where}.anchor_sizes = {p.anchor_sizes}: expected positive sizes, one list per level")
+    if masks and (not p.mask_head_layers or min(p.mask_head_layers) < 1):
+        raise ConfigError(f"{where}.mask_head_layers = {p.mask_head_layers}: expected channel counts (e.g. [256] * 4)")
 
 
 def _pooler(op: str, names: list[str], strides: list[int], size: int, sampling_ratio: int, p: TwoStageParams):

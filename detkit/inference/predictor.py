@@ -16,27 +16,25 @@ import numpy as np
 import torch
 
 from detkit.data.collate import Collate
-from detkit.data.dataset import read_image
+from detkit.data.dataset import read_image, to_uint8_rgb
 from detkit.data.transforms import build_pipeline
 
 
 def to_rgb_array(image: Any) -> np.ndarray:
-    """An H x W x 3 uint8 RGB array from a path, PIL image, array (HWC) or tensor (CHW, uint8 or float in 0..1)."""
+    """An H x W x 3 uint8 RGB array from a path, PIL image, array (H x W [x C]) or tensor ([C x] H x W); 16-bit
+    images are scaled to 8 bits, float images are taken as 0..1."""
     if isinstance(image, str | Path):
         return read_image(Path(image))
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            return to_uint8_rgb(np.asarray(image), "image")
         return np.asarray(image.convert("RGB"))
     if isinstance(image, torch.Tensor):
         t = image.detach().cpu()
-        if t.is_floating_point():
-            t = (t.clamp(0, 1) * 255).round().to(torch.uint8)
-        image = t.permute(1, 2, 0).numpy()
-    arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = np.stack([arr] * 3, axis=-1)
-    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
-        raise ValueError(f"expected an H x W x 3 image, got an array of shape {arr.shape}")
-    return np.ascontiguousarray(arr[..., :3].astype(np.uint8, copy=False))
+        if t.ndim == 3 and t.shape[0] in (1, 3, 4):  # C x H x W -> H x W x C
+            t = t.permute(1, 2, 0)
+        image = t.numpy()
+    return to_uint8_rgb(np.asarray(image), "image")
 
 
 class Predictor:
@@ -45,6 +43,12 @@ class Predictor:
     def __init__(self, module, device: str | torch.device = "cpu", batch_size: int = 4,
                  score_threshold: float = 0.0) -> None:
         self.device = torch.device(device)
+        if self.device.type == "cuda" and (not torch.cuda.is_available() or
+                                           (self.device.index or 0) >= torch.cuda.device_count()):
+            from detkit.errors import ConfigError
+
+            raise ConfigError(f"device {device!r}: no such CUDA device here "
+                              f"({torch.cuda.device_count()} available); use --device cpu")
         self.module = module.eval().to(self.device)
         self.cfg = module.cfg
         self.classes: list[str] = list(module.classes)

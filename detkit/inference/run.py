@@ -23,6 +23,7 @@ def predict_files(predictor: Predictor, files: list[Path], out: str | Path, draw
     results: list[dict[str, Any]] = []
     per_class: Counter[str] = Counter()
     skipped: list[str] = []
+    written: set[str] = set()
     start, done = time.perf_counter(), 0
     bs = predictor.batch_size
     for i in range(0, len(files), bs):
@@ -31,7 +32,7 @@ def predict_files(predictor: Predictor, files: list[Path], out: str | Path, draw
             try:
                 images.append(to_rgb_array(f))
                 chunk.append(f)
-            except (DataError, OSError, ValueError) as e:
+            except (DataError, OSError, ValueError, RuntimeError) as e:
                 skipped.append(str(f))
                 log.warning("skipping %s: %s", f, e)
         if not images:
@@ -46,7 +47,12 @@ def predict_files(predictor: Predictor, files: list[Path], out: str | Path, draw
                 masks = pred["masks"].numpy() if "masks" in pred else None
                 im = draw_detections(image, pred["boxes"].numpy(), pred["labels"].tolist(), predictor.classes,
                                      pred["scores"].tolist(), masks=masks)
-                im.save(out / f"{f.stem}.jpg", quality=92)
+                name = f"{f.stem}.jpg"
+                n = 1
+                while name in written:  # same stem in two folders, or x.png and x.jpg: keep both drawings
+                    name, n = f"{f.stem}-{n}.jpg", n + 1
+                written.add(name)
+                im.save(out / name, quality=92)
     elapsed = time.perf_counter() - start
     (out / "predictions.json").write_text(json.dumps(results))
     return {"images": done, "skipped": len(skipped), "detections": len(results), "per_class": dict(per_class),
