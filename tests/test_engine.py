@@ -177,6 +177,10 @@ def test_ema_weights_are_checkpointed_and_restored(shapes_dir, tmp_path):
     module = load_checkpoint(run / "checkpoints/last.ckpt")  # evaluation and prediction use the EMA weights
     torch.testing.assert_close(module.state_dict()["model.head.rpn.head.cls_logits.weight"],
                                ema["model.head.rpn.head.cls_logits.weight"])
+    resumed_without_ema = {"current_model_state": raw, "state_dict": ema}
+    module.cfg.train.ema.enabled = False
+    module.on_load_checkpoint(resumed_without_ema)  # continues from the trained weights, not their average
+    assert resumed_without_ema["state_dict"] is raw
 
 
 def test_final_weights_are_validated_when_the_last_epoch_was_not(shapes_dir, tmp_path):

@@ -174,6 +174,9 @@ class DetectionModule(L.LightningModule):
                                     "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "current_model_state" in checkpoint and not self.cfg.train.ema.enabled:
+            # an EMA run resumed without EMA continues from the trained weights, not from their average
+            checkpoint["state_dict"] = checkpoint.pop("current_model_state")
         rng = checkpoint.get("detkit_rng")
         if rng:
             torch.set_rng_state(rng["torch"])
