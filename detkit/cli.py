@@ -165,22 +165,10 @@ def _is_main_process() -> bool:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from detkit.config import load_config
     from detkit.engine import train
 
     config, overrides = _split_config_and_overrides(args.args, args.resume)
-    if config is not None:
-        cfg = load_config(config, overrides)
-    else:
-        cfg, overrides = None, overrides
-    if cfg is None:
-        from detkit.engine.run import resolve_checkpoint, run_dir_of
-
-        run = run_dir_of(resolve_checkpoint(args.resume, "last"))
-        if run is None:
-            raise DetkitError(f"{args.resume}: give the CONFIG to resume with")
-        cfg = load_config(run / "config.yaml", overrides)
-    out = train(cfg, resume=args.resume)
+    out = train(config, overrides, resume=args.resume)  # no CONFIG: the resumed run's config.yaml
     if not _is_main_process():
         return 0
     print(f"run directory: {out}")

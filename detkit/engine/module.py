@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from detkit.data.datamodule import MASK_HEADS
 from detkit.data.transforms import Normalizer
 from detkit.engine.optim import build_optimizer, build_scheduler
 from detkit.errors import TrainingError
 from detkit.models import build_model
 
 log = logging.getLogger(__name__)
-MASK_HEADS = ("mask_rcnn",)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:

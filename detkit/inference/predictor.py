@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from detkit.data.collate import Collate
-from detkit.data.dataset import read_image, to_uint8_rgb
+from detkit.data.dataset import IMAGE_SUFFIXES, list_images, read_image, to_uint8_rgb
 from detkit.data.transforms import build_pipeline
 
 
@@ -100,9 +100,6 @@ class Predictor:
         return int(cat) if isinstance(cat, int | np.integer) else int(label)
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
 def expand_inputs(inputs: Iterable[str]) -> list[Path]:
     """Files, folders (recursive) and globs -> image paths (sorted per input, no duplicates)."""
     import glob
@@ -113,7 +110,7 @@ def expand_inputs(inputs: Iterable[str]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            found += list_images(p)
         elif p.is_file():
             found.append(p)
         else:
