@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from detkit.errors import ConfigError, DataError
 
-TWO_STAGE = ("faster_rcnn", "mask_rcnn")
 TRAIN_TARGET_KEYS = ("boxes", "labels", "masks")
 
 
@@ -89,27 +88,28 @@ def train_targets(targets: Sequence[Mapping[str, Any]]) -> list[dict[str, Tensor
 
 
 def build_model(cfg: Any) -> Detector:
-    """The model of ``cfg.model`` (backbone, neck, head with ``model.head.params``)."""
+    """The model of ``cfg.model``: backbone, neck (or none), and the head ``model.head.name`` from
+    :data:`detkit.heads.HEADS` with ``model.head.params``."""
     from detkit.backbones import build_backbone
-    from detkit.heads import TwoStageParams, build_two_stage_head, parse_params
+    from detkit.heads import HEADS
     from detkit.necks import build_neck
 
     m = cfg.model
     name = m.head.name
-    if name not in TWO_STAGE:
-        raise ConfigError(f"model.head.name = {name!r}: this head is not implemented yet (available: "
-                          f"{', '.join(TWO_STAGE)})")
+    if name not in HEADS:
+        raise ConfigError(f"model.head.name = {name!r}: this head is not implemented (available: "
+                          f"{', '.join(HEADS)})")
     if int(m.num_classes) < 1:
         raise ConfigError(f"model.num_classes = {m.num_classes}: expected at least 1 (background is added)")
-    params = parse_params(TwoStageParams, m.head.params)
     backbone = build_backbone(m.backbone)
     neck = build_neck(m.neck, backbone.out_channels, backbone.strides)
-    if neck is None:
-        raise ConfigError(f"model.neck.name = none: {name} needs one channel count over its levels "
-                          f"(use model.neck.name=fpn or pan)")
-    head = build_two_stage_head(params, neck.out_channels, dict(neck.strides), int(m.num_classes),
-                                masks=name == "mask_rcnn")
-    return Detector(backbone, neck, head, mask_threshold=params.mask_threshold)
+    if neck is not None:
+        channels = {level: int(neck.out_channels) for level in neck.strides}
+        strides = dict(neck.strides)
+    else:
+        channels, strides = dict(backbone.out_channels), dict(backbone.strides)
+    head = HEADS[name](m.head.params, channels, strides, int(m.num_classes), int(cfg.data.image_size))
+    return Detector(backbone, neck, head, mask_threshold=getattr(head, "mask_threshold", 0.5))
 
 
 # --------------------------------------------------------------------------------- torchvision weights

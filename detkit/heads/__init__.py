@@ -1,13 +1,29 @@
 """Heads: what turns pyramid features into losses (training) and detections (eval).
 
-``HEADS`` maps ``model.head.name`` to the head's parameter dataclass (``model.head.params``) and builder.
+``HEADS`` maps ``model.head.name`` to its builder ``build(params, channels, strides, num_classes, image_size)``:
+``params`` is the config's ``model.head.params`` (checked against the head's parameter dataclass),
+``channels``/``strides`` the ``{level: int}`` maps of the features it receives (the neck's, or the backbone's
+with ``model.neck.name=none``) and ``image_size`` is ``data.image_size``. Every head's
+``forward(features, images, image_sizes, targets)`` returns ``(detections, losses)``: detections per image in
+the (padded) input's pixels (``boxes`` xyxy, ``scores``, ``labels`` 1..K, ``masks`` for Mask R-CNN), losses a
+dict of named scalars in training.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from torch import nn
+
 from detkit.heads.params import parse_params
 from detkit.heads.roi_pool import MultiScaleRoIPool, map_levels
-from detkit.heads.two_stage import TwoStageHead, TwoStageParams, build_two_stage_head, paste_masks
+from detkit.heads.two_stage import (TwoStageHead, TwoStageParams, build_faster_rcnn, build_mask_rcnn,
+                                    build_two_stage_head, paste_masks)
 
-__all__ = ["MultiScaleRoIPool", "TwoStageHead", "TwoStageParams", "build_two_stage_head", "map_levels",
+HEADS: dict[str, Callable[..., nn.Module]] = {
+    "faster_rcnn": build_faster_rcnn,
+    "mask_rcnn": build_mask_rcnn,
+}
+
+__all__ = ["HEADS", "MultiScaleRoIPool", "TwoStageHead", "TwoStageParams", "build_two_stage_head", "map_levels",
            "parse_params", "paste_masks"]

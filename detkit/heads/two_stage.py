@@ -23,6 +23,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import initLevelMapper
 
 from detkit.errors import ConfigError
+from detkit.heads.params import parse_params
 from detkit.heads.roi_pool import MultiScaleRoIPool
 
 
@@ -143,6 +144,24 @@ def build_two_stage_head(p: TwoStageParams, channels: int, strides: dict[str, in
         p.box_score_thresh, p.box_nms_thresh, p.box_detections_per_img, **kwargs,
     )
     return TwoStageHead(rpn, roi_heads, rpn_levels)
+
+
+def build_faster_rcnn(params, channels: dict[str, int], strides: dict[str, int], num_classes: int,
+                      image_size: int, masks: bool = False) -> TwoStageHead:
+    """The registry's builder (see :data:`detkit.heads.HEADS`): ``model.head.params`` checked, one channel count."""
+    name = "mask_rcnn" if masks else "faster_rcnn"
+    p = parse_params(TwoStageParams, params)
+    if len(set(channels.values())) != 1:
+        raise ConfigError(f"model.neck.name = none: {name} needs one channel count over its levels "
+                          f"(use model.neck.name=fpn or pan)")
+    head = build_two_stage_head(p, next(iter(channels.values())), strides, num_classes, masks=masks)
+    head.mask_threshold = p.mask_threshold
+    return head
+
+
+def build_mask_rcnn(params, channels: dict[str, int], strides: dict[str, int], num_classes: int,
+                    image_size: int) -> TwoStageHead:
+    return build_faster_rcnn(params, channels, strides, num_classes, image_size, masks=True)
 
 
 def check_params(p: TwoStageParams, masks: bool) -> None:
