@@ -148,6 +148,73 @@ def _data_make_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_anchors(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from detkit.data import anchors as A
+    from detkit.data.build import build_dataset
+
+    ds_cfg, cfg, key = _dataset_from_args(args)
+    yolo = bool(args.config) and cfg.model.head.name == "yolo"  # its levels and matching rule are the defaults
+    head_params = cfg.model.head.params or {}
+    if args.levels is None:
+        args.levels = len(cfg.model.neck.levels) if yolo and cfg.model.neck.levels else 3
+    if args.ratio_thresh is None:
+        args.ratio_thresh = float(head_params.get("ratio_thresh") or 4.0) if yolo else 4.0
+    if args.levels > args.num_anchors or args.num_anchors % args.levels:
+        raise DetkitError(f"--num-anchors {args.num_anchors} cannot be split evenly into --levels {args.levels}")
+    if args.ratio_thresh <= 1:
+        raise DetkitError(f"--ratio-thresh {args.ratio_thresh}: expected a ratio above 1 (the head's default is 4.0)")
+    if args.config and cfg.data.generate == "shapes" and cfg.data.train.annotations \
+            and not Path(cfg.data.train.annotations).exists():
+        from detkit.engine.run import ensure_data
+
+        ensure_data(cfg)
+    size = args.image_size or cfg.data.image_size
+    dataset = build_dataset(ds_cfg, with_masks=False, key=key)
+    counts: Counter = Counter()
+    wh = A.dataset_box_sizes(dataset, size, counts)
+    if len(wh) == 0:
+        raise DetkitError(f"{dataset.name}: no boxes to fit anchors to ({counts['images']} images)")
+    try:
+        anchors = A.kmeans_anchors(wh, args.num_anchors, seed=args.seed, iters=args.iters)
+    except ValueError as e:
+        raise DetkitError(f"{dataset.name}: {e}; ask for fewer (--num-anchors)") from None
+    anchors = A.round_anchors(anchors)
+    groups = A.split_levels(anchors, args.levels)
+    names = A.level_names(args.levels, list(cfg.model.neck.levels or []) if args.config else None)
+    bpr, mean_iou = A.anchor_fit(wh, anchors, args.ratio_thresh)
+    best = A.shape_iou(wh, anchors).argmax(1) // (args.num_anchors // args.levels)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    left_out = [f"{counts[k]} {what}" for k, what in (("crowd", "crowd"), ("degenerate", "degenerate"),
+                                                        ("unsized", "in images of unknown size")) if counts[k]]
+    print(f"{dataset.name}: {len(wh)} boxes in {counts['images']} images at image size {size} (longest side)"
+          + (f"; left out: {', '.join(left_out)} boxes" if left_out else ""))
+    table = Table(title=f"{args.num_anchors} anchors (k-means, 1 - IoU, median; seed {args.seed})")
+    table.add_column("level")
+    table.add_column("stride", justify="right")
+    table.add_column("anchors (w x h, input pixels)")
+    table.add_column("boxes best fit", justify="right")
+    for i, (name, group) in enumerate(zip(names, groups)):
+        table.add_row(name, str(2 ** int(name[1:])), "  ".join(f"{w}x{h}" for w, h in group),
+                      f"{(best == i).mean():.1%}")
+    Console(width=max(100, Console().width)).print(table)
+    print(f"best possible recall (BPR, ratio < {args.ratio_thresh:g}): {bpr:.4f}")
+    print(f"mean IoU (best anchor per box): {mean_iou:.4f}")
+    override = A.anchors_override(groups)
+    snippet = A.anchors_yaml(groups, names)
+    print("\nconfig override:\n" + override + "\n\nor in a config:\n" + snippet, end="")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(f"# detkit data anchors: {dataset.name}, image size {size}, BPR {bpr:.4f}, "
+                                  f"mean IoU {mean_iou:.4f}\n" + snippet)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _split_config_and_overrides(items: list[str], resume: str | None) -> tuple[str | None, list[str]]:
     """``CONFIG a.b=c ...``; with ``--resume`` the CONFIG may be left out (the run's config.yaml is used)."""
     if items and "=" not in items[0]:
@@ -308,6 +375,22 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--image-size", type=positive_int, default=128, help="square image size (default 128)")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.set_defaults(func=_data_make_shapes)
+    anchors = data_sub.add_parser("anchors", help="k-means anchors (1 - IoU) for the YOLO-style head, with BPR and "
+                                                   "mean IoU, as a config override")
+    _add_dataset_args(anchors)
+    anchors.add_argument("--num-anchors", type=positive_int, default=9, help="anchors in all (default 9)")
+    anchors.add_argument("--levels", type=positive_int, default=None,
+                         help="pyramid levels to split them over, fine to coarse (default: the neck's levels of a "
+                              "YOLO config, else 3)")
+    anchors.add_argument("--image-size", type=positive_int, default=None,
+                         help="longest side of the network input (default: data.image_size)")
+    anchors.add_argument("--ratio-thresh", type=float, default=None,
+                         help="the head's matching rule max(w/aw, aw/w, h/ah, ah/h) < this, for the BPR (default: "
+                              "model.head.params.ratio_thresh of a YOLO config, else 4.0)")
+    anchors.add_argument("--seed", type=int, default=0)
+    anchors.add_argument("--iters", type=positive_int, default=300, help="k-means iterations at most (default 300)")
+    anchors.add_argument("--out", default=None, help="also write the YAML snippet to this file")
+    anchors.set_defaults(func=_data_anchors)
 
     tr = sub.add_parser("train", help="train a model from a config (writes a run directory)")
     tr.add_argument("args", nargs="*", metavar="CONFIG [key=value ...]",
