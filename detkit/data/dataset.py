@@ -228,7 +228,9 @@ class DetectionDataset(Dataset):
 
     ``classes[i]`` is the name of contiguous label ``i + 1`` and ``cat_ids[i]`` its id in the dataset's own
     annotations (COCO category id, VOC name, YOLO class index), so predictions can be written back.
-    ``transform`` (optional) maps a sample to a sample (see :mod:`detkit.data.transforms`).
+    ``transform`` (optional) maps a sample to a sample (see :mod:`detkit.data.transforms`). A transform whose
+    ``extra_samples`` is positive (a pipeline with a Mosaic) is called as ``transform(sample, extras)`` with that
+    many other raw samples (:meth:`load_extras`).
     """
 
     task = "detection"
@@ -241,6 +243,7 @@ class DetectionDataset(Dataset):
         self.classes: list[str] = []
         self.cat_ids: list[Any] = []
         self.problems = Problems(name)
+        self.extras_skipped = 0  # unreadable images drawn as a mosaic's extra samples (in this process)
 
     # ---- class maps
     @property
@@ -315,7 +318,37 @@ class DetectionDataset(Dataset):
         except DataError as e:
             log.warning("skipping %s", e)
             return {"skipped": str(e)}
-        return self.transform(sample) if self.transform is not None else sample
+        if self.transform is None:
+            return sample
+        need = int(getattr(self.transform, "extra_samples", 0) or 0)
+        if need > 0:
+            return self.transform(sample, self.load_extras(index, need, getattr(self.transform, "rng", None)))
+        return self.transform(sample)
+
+    def load_extras(self, index: int, n: int, rng: np.random.Generator | None = None) -> list[dict[str, Any]]:
+        """``n`` raw samples of random other records (j != ``index``, repeats possible), for a mosaic.
+
+        ``rng`` is the pipeline's generator (re-seeded with albumentations' stream, so the draw is a function of
+        (seed, epoch) like every augmentation). An unreadable image is skipped, counted in ``extras_skipped`` and
+        another drawn; after ``2 n + 8`` draws fewer are returned (the pipeline fills in copies of the sample).
+        A dataset of one image has no others: ``[]``.
+        """
+        others = len(self) - 1
+        if n <= 0 or others <= 0:
+            return []
+        rng = rng if rng is not None else np.random.default_rng()
+        extras: list[dict[str, Any]] = []
+        for _ in range(2 * n + 8):
+            if len(extras) == n:
+                break
+            j = int(rng.integers(others))
+            j += j >= index  # uniform over the records other than index
+            try:
+                extras.append(self.load(j))
+            except DataError as e:
+                self.extras_skipped += 1
+                log.warning("mosaic: skipping an extra sample (%d so far): %s", self.extras_skipped, e)
+        return extras
 
     def describe(self) -> str:
         return f"{self.name}: {len(self)} images, {self.num_classes} classes"

@@ -15,6 +15,30 @@ training device: 4x less data crosses from the loader workers. Each sample
 records ``scale = (sx, sy)``, the factors from original to network pixels, so that predictions map back with
 ``x / sx``. Boxes are clipped to the image; boxes that become degenerate are dropped and counted in
 ``boxes_dropped``.
+
+Mosaic
+------
+``{name: Mosaic, p: 0.5}`` in a transform list (albumentations' ``A.Mosaic``, YOLOv4-style 2x2 mosaic) combines
+the sample with ``grid cells - 1`` other samples of the dataset. Where the user does not give them,
+``target_size`` defaults to ``(image_size, image_size)``, ``cell_shape`` to ``target_size`` and ``fill`` to the grey
+:data:`PAD_VALUE` (these defaults apply to a Mosaic anywhere in the list, also inside ``OneOf``);
+``fill_mask`` must stay 0 (padding is "unlabeled" / "no instance"). :attr:`Pipeline.extra_samples` says how
+many other samples the pipeline wants; :class:`~detkit.data.dataset.DetectionDataset` loads that many *raw*
+samples (random other indices, drawn from :attr:`Pipeline.rng`, which :meth:`Pipeline.reseed` re-seeds
+together with albumentations' stream, so augmentations stay a function of (seed, epoch)) and passes them as
+``pipeline(sample, extras)``. A dataset of one image, or too few readable extras, fills the mosaic with copies
+of the sample. Transforms *before* the Mosaic apply to the primary sample only (the extras enter raw).
+
+Through a mosaic every target stays consistent: boxes with their labels/iscrowd/difficult (each sample's
+instances get distinct ids), semantic maps (padding unlabeled), and instance masks, which travel as one
+``H x W x L`` uint8 mask target of *layers*: each layer is an id map of non-overlapping instances (value
+1..255), so that any number of instances fits in a few channels (OpenCV handles at most 128 channels) and
+nearest-neighbour resampling (albumentations' default ``mask_interpolation``; keep it) carries them exactly.
+The output's ``orig_size``/``image_id``/``file`` are the primary sample's; ``scale`` stays output size /
+the primary's original size, which for a mosaic maps nothing back (training never maps back; mosaic is for
+training lists only). ``boxes_dropped`` counts the boxes of all combined samples that did not survive; the
+cells crop boxes regardless of ``min_visibility``, so in a pipeline with a Mosaic boxes thinner than 1 pixel are
+dropped as well.
 """
 
 from __future__ import annotations
@@ -29,12 +53,13 @@ import cv2
 import numpy as np
 import torch
 
-from detkit.data.dataset import SEMANTIC_IGNORE
+from detkit.data.dataset import SEMANTIC_IGNORE, box_mask
 from detkit.errors import ConfigError
 
 PRESETS = ("train", "val", "none")
 PAD_VALUE = 114  # grey padding, as most detectors use
 CONTAINERS = ("OneOf", "SomeOf", "Sequential", "OneOrOther", "SelectiveChannelTransform")
+MAX_LAYER_IDS = 255  # instances per uint8 mask layer (0 = none) when instance masks travel through a mosaic
 
 
 def preset(name: str, image_size: int, resize: str = "letterbox") -> list[A.BasicTransform]:
@@ -57,8 +82,13 @@ def preset(name: str, image_size: int, resize: str = "letterbox") -> list[A.Basi
     raise ConfigError(f"unknown transform preset {name!r}: expected {', '.join(PRESETS)} or a list of transforms")
 
 
-def build_transform(spec: Mapping, where: str) -> A.BasicTransform:
-    """One albumentations transform from ``{name: ..., **arguments}``."""
+def build_transform(spec: Mapping, where: str,
+                    defaults: Mapping[str, Mapping[str, Any]] | None = None) -> A.BasicTransform:
+    """One albumentations transform from ``{name: ..., **arguments}``.
+
+    ``defaults``: per transform name, arguments used where the spec does not give them (applied to nested
+    transforms too), e.g. ``{"Mosaic": {"target_size": (512, 512)}}``.
+    """
     if not isinstance(spec, Mapping) or "name" not in spec:
         raise ConfigError(f"{where}: expected a mapping with a 'name' key, e.g. {{name: HorizontalFlip, p: 0.5}}, "
                           f"got {spec!r}")
@@ -74,13 +104,39 @@ def build_transform(spec: Mapping, where: str) -> A.BasicTransform:
         inner = params.pop("transforms", [])
         if not isinstance(inner, list):
             raise ConfigError(f"{where}: {name}.transforms must be a list of transforms, got {inner!r}")
-        params["transforms"] = [build_transform(t, f"{where}.transforms[{i}]") for i, t in enumerate(inner)]
+        params["transforms"] = [build_transform(t, f"{where}.transforms[{i}]", defaults)
+                                for i, t in enumerate(inner)]
+    given = set(params)
+    params = {**dict((defaults or {}).get(name, {})), **params}
+    if name == "Mosaic" and "target_size" in given and "cell_shape" not in given:
+        params["cell_shape"] = params["target_size"]  # cells as large as the output, whatever its size
+    if name == "Mosaic" and _nonzero(params.get("fill_mask", 0)):
+        raise ConfigError(f"{where}: bad arguments for Mosaic: fill_mask must be 0 (padding is unlabeled and "
+                          f"belongs to no instance), got {params['fill_mask']!r}")
     try:
         return cls(**params)
     except Exception as e:  # TypeError for unknown arguments, pydantic's ValidationError for bad values
         first = str(e).strip().splitlines()
         reason = " ".join(line.strip() for line in first[:3]) if first else type(e).__name__
         raise ConfigError(f"{where}: bad arguments for {name}: {reason}") from None
+
+
+def _nonzero(value: Any) -> bool:
+    try:
+        return bool(np.any(np.asarray(value, dtype=np.float64) != 0))
+    except (TypeError, ValueError):
+        return False  # not a number: albumentations' own validation says so
+
+
+def find_mosaics(transforms: Sequence[Any]) -> list[A.Mosaic]:
+    """The ``A.Mosaic`` transforms in a list, also inside compositions (``OneOf`` ...)."""
+    found = []
+    for t in transforms:
+        if isinstance(t, A.Mosaic):
+            found.append(t)
+        elif isinstance(t, A.BaseCompose):
+            found += find_mosaics(t.transforms)
+    return found
 
 
 def _plain(value: Any) -> Any:
@@ -108,17 +164,32 @@ class Pipeline:
         self._inv_std = (1.0 / torch.as_tensor(self.std)).view(3, 1, 1)
         with warnings.catch_warnings():  # an empty list ("none") has no transform to process boxes: fine
             warnings.filterwarnings("ignore", message="Got processor for bboxes")
+            self.mosaics = find_mosaics(self.transforms)
+            # a mosaic's cells crop boxes without min_visibility: drop the sub-pixel slivers they leave at least
+            thin = {"min_width": 1.0, "min_height": 1.0} if self.mosaics else {}
             self.compose = A.Compose(
                 self.transforms,
                 bbox_params=A.BboxParams(format="pascal_voc", label_fields=["instance"],
-                                         min_visibility=min_visibility, min_area=1.0, clip=True),
+                                         min_visibility=min_visibility, min_area=1.0, clip=True, **thin),
             )
+        # the other samples a mosaic combines with the sample: drawn by the dataset from this generator
+        self.rng = np.random.default_rng()
+
+    @property
+    def extra_samples(self) -> int:
+        """How many other (raw) samples each call wants: grid cells - 1 of its largest Mosaic (0 without one)."""
+        return max((int(np.prod(m.grid_yx)) - 1 for m in self.mosaics), default=0)
 
     def reseed(self, seed: int) -> None:
-        """Restart the augmentations' random stream (albumentations keeps its own, apart from numpy/torch)."""
+        """Restart the augmentations' random stream (albumentations keeps its own, apart from numpy/torch) and
+        :attr:`rng`, from which the dataset draws the extra samples of a mosaic."""
         self.compose.set_random_seed(int(seed) % 2**32)
+        self.rng = np.random.default_rng(int(seed) % 2**32)
 
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, sample: dict[str, Any], extras: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """``extras``: the other raw samples a Mosaic combines with ``sample`` (ignored without a Mosaic)."""
+        if self.mosaics:
+            return self._call_mosaic(sample, list(extras or []))
         image = sample["image"]
         h0, w0 = image.shape[:2]
         boxes = np.asarray(sample["boxes"], np.float32).reshape(-1, 4)
@@ -153,6 +224,108 @@ class Pipeline:
         result["boxes_dropped"] = int(n - len(kept))
         return result
 
+    def _call_mosaic(self, sample: dict[str, Any], extras: list[dict[str, Any]]) -> dict[str, Any]:
+        """A pipeline with a Mosaic: all samples' instances get distinct ids (their position in the concatenated
+        labels), and instance masks and the semantic map travel together in one ``mask`` target (A.Mosaic
+        combines ``mask``, not ``masks``): channel 0 the shifted semantic map (if any), then id-map layers."""
+        need = self.extra_samples
+        items = [sample, *extras[:need]]
+        items += [sample] * (need + 1 - len(items))  # too few extras: copies of the sample, with their own ids
+        h0, w0 = sample["image"].shape[:2]
+        has_masks = sample.get("masks") is not None
+        has_sem = sample.get("semantic") is not None
+        boxes = [np.asarray(s["boxes"], np.float32).reshape(-1, 4) for s in items]
+        counts = [len(b) for b in boxes]
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        sem_ch = 1 if has_sem else 0
+        n_layers, table, pieces = _assign_layers(items, boxes) if has_masks else (0, np.zeros((0, 2), np.int64), [])
+        masks: list[np.ndarray | None] = [None] * len(items)
+        if sem_ch + n_layers:
+            g = 0
+            for k, (s, b) in enumerate(zip(items, boxes)):
+                masks[k] = np.zeros((*s["image"].shape[:2], sem_ch + n_layers), np.uint8)
+                if has_sem and s.get("semantic") is not None:  # shifted: 0 unlabeled (and padding), classes 1..K
+                    sem = np.asarray(s["semantic"])
+                    masks[k][..., 0] = np.where(sem == SEMANTIC_IGNORE, 0, sem + 1)
+                for _ in range(len(b) if has_masks else 0):
+                    (window, crop), (layer, value) = pieces[g], table[g]
+                    masks[k][(*window, sem_ch + layer)][crop] = value
+                    g += 1
+        prepared = []
+        for k, (s, b) in enumerate(zip(items, boxes)):
+            d: dict[str, Any] = {"image": s["image"], "bboxes": b, "instance": np.arange(starts[k], starts[k + 1])}
+            if masks[k] is not None:
+                d["mask"] = masks[k]
+            prepared.append(d)
+        for m in self.mosaics:
+            m.params = {}  # albumentations leaves the last call's params on a transform: applied <=> non-empty
+        out = self.compose(**prepared[0], mosaic_metadata=prepared[1:])
+        applied = any(bool(m.params) for m in self.mosaics)
+        for m in self.mosaics:
+            m.params = {}  # release the cells' arrays
+        kept = np.asarray(out["instance"], np.int64).reshape(-1)
+        img = out["image"]
+        h, w = img.shape[:2]
+        result = dict(sample)
+        img = np.ascontiguousarray(img) if img.flags.writeable else img.copy()
+        chw = torch.from_numpy(img).permute(2, 0, 1).contiguous()
+        result["image"] = normalize_images(chw, self._mean, self._inv_std) if self.normalize else chw
+        result["boxes"] = torch.as_tensor(np.asarray(out["bboxes"], np.float32).reshape(-1, 4))
+        for key in ("labels", "iscrowd", "difficult"):
+            values = np.concatenate([np.asarray(s[key]).reshape(-1) for s in items])
+            result[key] = torch.as_tensor(values[kept])
+        mask = np.asarray(out["mask"]) if "mask" in out else None
+        if mask is not None and mask.ndim == 2:
+            mask = mask[..., None]
+        if has_masks:
+            if len(kept):
+                ids = table[kept]
+                inst = mask[..., sem_ch + ids[:, 0]].transpose(2, 0, 1) == ids[:, 1, None, None]
+            else:
+                inst = np.zeros((0, h, w), bool)
+            result["masks"] = torch.from_numpy(np.ascontiguousarray(inst, dtype=np.uint8))
+        if has_sem:
+            sem = mask[..., 0].astype(np.int64)
+            result["semantic"] = torch.as_tensor(np.where(sem == 0, SEMANTIC_IGNORE, sem - 1))
+        result["scale"] = (w / w0, h / h0)  # nominal for a mosaic (four images): training never maps back
+        result["boxes_dropped"] = int((starts[-1] if applied else counts[0]) - len(kept))
+        result["mosaic"] = applied
+        return result
+
+
+def _assign_layers(items: Sequence[dict[str, Any]], boxes: Sequence[np.ndarray],
+                   ) -> tuple[int, np.ndarray, list[tuple[tuple[slice, slice], np.ndarray]]]:
+    """Pack the instance masks of all ``items`` into uint8 id-map layers: ``(number of layers, table, pieces)``
+    with ``table[g] = (layer, value)`` and ``pieces[g] = (window, boolean mask in the window)`` of instance ``g``
+    (numbered across items). Instances of one layer never overlap; a layer holds at most :data:`MAX_LAYER_IDS`
+    instances, with values unique across items (the items share one canvas). An instance without a mask gets
+    its filled box."""
+    table, pieces = [], []
+    used: list[int] = []  # values taken, per layer
+    for s, b in zip(items, boxes):
+        hk, wk = s["image"].shape[:2]
+        inst = np.asarray(s["masks"]).reshape(len(b), hk, wk) if s.get("masks") is not None and len(b) else None
+        occupied: list[np.ndarray] = []  # this item's pixels taken, per layer
+        for i in range(len(b)):
+            m = inst[i] if inst is not None else box_mask(b[i], hk, wk)
+            rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+            window = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)) if len(rows) else \
+                (slice(0, 0), slice(0, 0))
+            crop = m[window] > 0
+            layer = 0  # the first layer with room where the instance overlaps none of this item's instances
+            while layer < len(used) and (used[layer] >= MAX_LAYER_IDS
+                                         or (layer < len(occupied) and (occupied[layer][window] & crop).any())):
+                layer += 1
+            if layer == len(used):
+                used.append(0)
+            while len(occupied) <= layer:
+                occupied.append(np.zeros((hk, wk), bool))
+            occupied[layer][window] |= crop
+            used[layer] += 1
+            table.append((layer, used[layer]))
+            pieces.append((window, crop))
+    return len(used), np.asarray(table, np.int64).reshape(-1, 2), pieces
+
 
 def normalize_images(images: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor) -> torch.Tensor:
     """uint8 ``[B,] 3 x H x W`` -> float, ``(x - mean) * inv_std`` (mean and 1/std in 0..255 units, 3 x 1 x 1)."""
@@ -184,7 +357,9 @@ def build_pipeline(spec: Any, *, image_size: int, mean: Sequence[float], std: Se
             raise ConfigError(f"data.image_size = {image_size}: expected a positive size")
         transforms = preset(spec, image_size, resize)
     elif isinstance(spec, list):
-        transforms = [build_transform(t, f"{where}[{i}]") for i, t in enumerate(spec)]
+        size = (int(image_size), int(image_size))
+        defaults = {"Mosaic": {"target_size": size, "cell_shape": size, "fill": PAD_VALUE}} if min(size) > 0 else {}
+        transforms = [build_transform(t, f"{where}[{i}]", defaults) for i, t in enumerate(spec)]
     else:
         raise ConfigError(f"{where}: expected a preset name ({', '.join(PRESETS)}) or a list of transforms, "
                           f"got {spec!r}")
