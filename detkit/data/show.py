@@ -26,8 +26,10 @@ def show_samples(dataset: DetectionDataset, pipeline: Pipeline, out: str | Path,
     indices = rng.choice(len(dataset), size=min(n, len(dataset)), replace=False)
     mean, std = pipeline.mean / 255.0, pipeline.std / 255.0
     written = []
-    for i in indices:
-        sample = pipeline(dataset.load(int(i)))
+    pipeline.reseed(seed)
+    for i in indices:  # a mosaic step draws its other images from the dataset, as in training
+        extras = dataset.load_extras(int(i), pipeline.extra_samples, pipeline.rng) if pipeline.extra_samples else None
+        sample = pipeline(dataset.load(int(i)), extras)
         image = denormalize(sample["image"], mean, std)
         if "semantic" in sample:
             drawn = draw_semantic(image, sample["semantic"].numpy(), dataset.classes)
