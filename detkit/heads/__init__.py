@@ -18,8 +18,14 @@ from torch import nn
 from detkit.heads.params import parse_params
 from detkit.heads.roi_pool import MultiScaleRoIPool, map_levels
 from detkit.heads.ssd import SingleShotHead, SSDParams, build_ssd_head
-from detkit.heads.two_stage import (TwoStageHead, TwoStageParams, build_faster_rcnn, build_mask_rcnn,
-                                    build_two_stage_head, paste_masks)
+from detkit.heads.two_stage import (
+                                    TwoStageHead,
+                                    TwoStageParams,
+                                    build_faster_rcnn,
+                                    build_mask_rcnn,
+                                    build_two_stage_head,
+                                    paste_masks,
+)
 from detkit.heads.yolo import YoloHead, YoloParams, build_yolo_head
 
 HEADS: dict[str, Callable[..., nn.Module]] = {
@@ -29,5 +35,5 @@ HEADS: dict[str, Callable[..., nn.Module]] = {
     "yolo": build_yolo_head,
 }
 
-__all__ = ["HEADS", "MultiScaleRoIPool", "TwoStageHead", "TwoStageParams", "YoloHead", "YoloParams", "build_two_stage_head", "map_levels",
-           "parse_params", "paste_masks"]
+__all__ = ["HEADS", "MultiScaleRoIPool", "SSDParams", "SingleShotHead", "TwoStageHead", "TwoStageParams", "YoloHead",
+           "YoloParams", "build_two_stage_head", "map_levels", "parse_params", "paste_masks"]

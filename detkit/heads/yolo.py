@@ -36,8 +36,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import Conv2dNormActivation, batched_nms, box_iou
-from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
+from torchvision.ops import (
+    Conv2dNormActivation,
+    batched_nms,
+    box_iou,
+    complete_box_iou_loss,
+    distance_box_iou_loss,
+    generalized_box_iou_loss,
+)
 
 from detkit.errors import ConfigError
 from detkit.heads.params import parse_params
@@ -265,7 +271,8 @@ class YoloHead(nn.Module):
                 s, top = s.topk(p.pre_nms_topk)
                 idx, cls = idx[top], cls[top]
             bx = bxs[idx]
-            bx = torch.stack([bx[:, 0].clamp(0, w), bx[:, 1].clamp(0, h), bx[:, 2].clamp(0, w), bx[:, 3].clamp(0, h)], 1)
+            bx = torch.stack([bx[:, 0].clamp(0, w), bx[:, 1].clamp(0, h), bx[:, 2].clamp(0, w), bx[:, 3].clamp(0, h)],
+                             1)
             keep = batched_nms(bx, s, cls, p.nms_thresh)[: p.max_detections]
             results.append({"boxes": bx[keep], "scores": s[keep], "labels": cls[keep] + 1})
         return results
