@@ -1,6 +1,11 @@
 """detkit: object detection and segmentation on swappable backbones."""
 
+import os
+
 __version__ = "0.1.0"
+
+# albumentations asks PyPI for a newer version on import: not on offline machines, not on every run
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from detkit.config import load_config
 from detkit.errors import ConfigError, DetkitError, PretrainedError
