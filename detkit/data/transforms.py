@@ -200,17 +200,13 @@ class Pipeline:
             inputs["masks"] = np.asarray(sample["masks"])
         if sample.get("semantic") is not None:
             # shift classes to 1..K and unlabeled to 0, so that padding (filled with 0) becomes unlabeled too
-            sem = np.asarray(sample["semantic"])
-            inputs["mask"] = np.where(sem == SEMANTIC_IGNORE, 0, sem + 1).astype(np.uint8)
+            inputs["mask"] = shift_semantic(sample["semantic"])
         out = self.compose(**inputs)
         kept = np.asarray(out["instance"], np.int64).reshape(-1)
         img = out["image"]
         h, w = img.shape[:2]
         result = dict(sample)
-        # albumentations may return read-only views
-        img = np.ascontiguousarray(img) if img.flags.writeable else img.copy()
-        chw = torch.from_numpy(img).permute(2, 0, 1).contiguous()
-        result["image"] = normalize_images(chw, self._mean, self._inv_std) if self.normalize else chw
+        result["image"] = self._image_tensor(img)
         result["boxes"] = torch.as_tensor(np.asarray(out["bboxes"], np.float32).reshape(-1, 4))
         for key in ("labels", "iscrowd", "difficult"):
             result[key] = torch.as_tensor(np.asarray(sample[key])[kept])
@@ -218,11 +214,16 @@ class Pipeline:
             masks = np.asarray(out["masks"]) if n else np.zeros((0, h, w), np.uint8)
             result["masks"] = torch.as_tensor(masks.reshape(-1, h, w)[kept] if n else masks, dtype=torch.uint8)
         if sample.get("semantic") is not None:
-            sem = np.asarray(out["mask"]).astype(np.int64)
-            result["semantic"] = torch.as_tensor(np.where(sem == 0, SEMANTIC_IGNORE, sem - 1))
+            result["semantic"] = unshift_semantic(out["mask"])
         result["scale"] = (w / w0, h / h0)
         result["boxes_dropped"] = int(n - len(kept))
         return result
+
+    def _image_tensor(self, img: np.ndarray) -> torch.Tensor:
+        """H x W x 3 -> 3 x H x W (uint8, or normalised with ``normalize``)."""
+        img = np.ascontiguousarray(img) if img.flags.writeable else img.copy()  # albumentations may return views
+        chw = torch.from_numpy(img).permute(2, 0, 1).contiguous()
+        return normalize_images(chw, self._mean, self._inv_std) if self.normalize else chw
 
     def _call_mosaic(self, sample: dict[str, Any], extras: list[dict[str, Any]]) -> dict[str, Any]:
         """A pipeline with a Mosaic: all samples' instances get distinct ids (their position in the concatenated
@@ -245,8 +246,7 @@ class Pipeline:
             for k, (s, b) in enumerate(zip(items, boxes)):
                 masks[k] = np.zeros((*s["image"].shape[:2], sem_ch + n_layers), np.uint8)
                 if has_sem and s.get("semantic") is not None:  # shifted: 0 unlabeled (and padding), classes 1..K
-                    sem = np.asarray(s["semantic"])
-                    masks[k][..., 0] = np.where(sem == SEMANTIC_IGNORE, 0, sem + 1)
+                    masks[k][..., 0] = shift_semantic(s["semantic"])
                 for _ in range(len(b) if has_masks else 0):
                     (window, crop), (layer, value) = pieces[g], table[g]
                     masks[k][(*window, sem_ch + layer)][crop] = value
@@ -267,9 +267,7 @@ class Pipeline:
         img = out["image"]
         h, w = img.shape[:2]
         result = dict(sample)
-        img = np.ascontiguousarray(img) if img.flags.writeable else img.copy()
-        chw = torch.from_numpy(img).permute(2, 0, 1).contiguous()
-        result["image"] = normalize_images(chw, self._mean, self._inv_std) if self.normalize else chw
+        result["image"] = self._image_tensor(img)
         result["boxes"] = torch.as_tensor(np.asarray(out["bboxes"], np.float32).reshape(-1, 4))
         for key in ("labels", "iscrowd", "difficult"):
             values = np.concatenate([np.asarray(s[key]).reshape(-1) for s in items])
@@ -285,12 +283,23 @@ class Pipeline:
                 inst = np.zeros((0, h, w), bool)
             result["masks"] = torch.from_numpy(np.ascontiguousarray(inst, dtype=np.uint8))
         if has_sem:
-            sem = mask[..., 0].astype(np.int64)
-            result["semantic"] = torch.as_tensor(np.where(sem == 0, SEMANTIC_IGNORE, sem - 1))
+            result["semantic"] = unshift_semantic(mask[..., 0])
         result["scale"] = (w / w0, h / h0)  # nominal for a mosaic (four images): training never maps back
         result["boxes_dropped"] = int((starts[-1] if applied else counts[0]) - len(kept))
         result["mosaic"] = applied
         return result
+
+
+def shift_semantic(semantic: np.ndarray) -> np.ndarray:
+    """Class indices 0..K-1 -> 1..K and unlabeled -> 0 (uint8), so that padding (filled with 0) is unlabeled."""
+    sem = np.asarray(semantic)
+    return np.where(sem == SEMANTIC_IGNORE, 0, sem + 1).astype(np.uint8)
+
+
+def unshift_semantic(mask: np.ndarray) -> torch.Tensor:
+    """The inverse of :func:`shift_semantic`, as int64 with ``SEMANTIC_IGNORE`` for unlabeled."""
+    sem = np.asarray(mask).astype(np.int64)
+    return torch.as_tensor(np.where(sem == 0, SEMANTIC_IGNORE, sem - 1))
 
 
 def _assign_layers(items: Sequence[dict[str, Any]], boxes: Sequence[np.ndarray],

@@ -39,7 +39,6 @@ from torch import Tensor, nn
 from torchvision.ops import (
     Conv2dNormActivation,
     batched_nms,
-    box_iou,
     complete_box_iou_loss,
     distance_box_iou_loss,
     generalized_box_iou_loss,
@@ -109,6 +108,14 @@ def encode(boxes: Tensor, grid: Tensor, anchors: Tensor, stride: float, eps: flo
     s_xy = (xy / stride - grid + 0.5) / 2
     s_wh = (wh / anchors).sqrt() / 2
     return torch.logit(torch.cat([s_xy, s_wh], dim=-1), eps=eps)
+
+
+def paired_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of ``a[i]`` with ``b[i]`` (xyxy), without the N x N matrix of ``box_iou``."""
+    wh = (torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])).clamp(min=0)
+    inter = wh.prod(1)
+    union = (a[:, 2:] - a[:, :2]).prod(1) + (b[:, 2:] - b[:, :2]).prod(1) - inter
+    return inter / union.clamp(min=1e-9)
 
 
 def shape_match(wh: Tensor, anchors: Tensor, p: YoloParams) -> tuple[Tensor, Tensor]:
@@ -226,18 +233,14 @@ class YoloHead(nn.Module):
                 pbox = decode(pred[:, :4], a["cells"], self.anchors[i][an], self.strides[i])
                 loss_box = loss_box + box_fn(pbox, a["boxes"], reduction="sum")
                 with torch.no_grad():
-                    iou = box_iou(pbox, a["boxes"]).diagonal().clamp(min=0) if len(pbox) else pbox[:, 0]
+                    iou = paired_iou(pbox, a["boxes"])
                     score = (1.0 - p.obj_iou_target) + p.obj_iou_target * iou
                 flat = ((b * self.num_anchors + an) * out.shape[2] + gy) * out.shape[3] + gx
                 obj_target.view(-1).scatter_reduce_(0, flat, score.to(out.dtype), reduce="amax")
-                if self.num_classes > 1 or p.label_smoothing > 0:
-                    cls_target = F.one_hot(a["labels"], self.num_classes).to(out.dtype)
-                    if p.label_smoothing > 0:
-                        cls_target = cls_target * (1 - p.label_smoothing) + p.label_smoothing / self.num_classes
-                    loss_cls = loss_cls + F.binary_cross_entropy_with_logits(pred[:, 5:], cls_target, reduction="sum")
-                else:  # one class: the class score is always 1 (objectness carries it); still train it towards 1
-                    loss_cls = loss_cls + F.binary_cross_entropy_with_logits(
-                        pred[:, 5:], torch.ones_like(pred[:, 5:]), reduction="sum")
+                cls_target = F.one_hot(a["labels"], self.num_classes).to(out.dtype)  # one class: all ones
+                if p.label_smoothing > 0:
+                    cls_target = cls_target * (1 - p.label_smoothing) + p.label_smoothing / self.num_classes
+                loss_cls = loss_cls + F.binary_cross_entropy_with_logits(pred[:, 5:], cls_target, reduction="sum")
             loss_obj = loss_obj + self.balance[i] * F.binary_cross_entropy_with_logits(
                 out[..., 4], obj_target, reduction="sum")
         return {"loss_box": p.box_weight * loss_box / num_pos, "loss_obj": p.obj_weight * loss_obj / num_pos,
