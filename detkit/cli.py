@@ -242,7 +242,8 @@ def _train(args: argparse.Namespace) -> int:
     metrics = out / "metrics.json"
     if metrics.is_file():
         m = json.loads(metrics.read_text())
-        shown = ", ".join(f"{k}={m[k]:.4f}" for k in ("bbox_AP", "bbox_AP50", "segm_AP", "voc07_mAP")
+        shown = ", ".join(f"{k}={m[k]:.4f}" for k in ("bbox_AP", "bbox_AP50", "segm_AP", "voc07_mAP", "mIoU",
+                                                      "pixel_acc")
                           if isinstance(m.get(k), int | float))
         print(f"final validation: {shown}  ({metrics})")
     return 0
@@ -266,7 +267,8 @@ def _eval(args: argparse.Namespace) -> int:
             from detkit.engine.callbacks import write_metrics
 
             write_metrics(metrics, out)
-        print(f"PR curves: {run / 'pr_curves'}")
+        plots = run / "confusion_matrix.png" if "mIoU" in metrics else run / "pr_curves"
+        print(f"{'confusion matrix' if 'mIoU' in metrics else 'PR curves'}: {plots}")
     print(format_table(metrics))
     print(f"metrics: {out}")
     return 0
@@ -309,7 +311,9 @@ def _predict(args: argparse.Namespace) -> int:
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
                                           score_threshold=args.score_threshold)
     summary = predict_files(predictor, files, args.out)
-    print(f"{summary['images']} images ({summary['skipped']} skipped), {summary['detections']} detections, "
+    semantic = summary["task"] == "semantic"
+    found = "label maps (images per class below)" if semantic else f"{summary['detections']} detections"
+    print(f"{summary['images']} images ({summary['skipped']} skipped), {found}, "
           f"{summary['images_per_s']:.1f} images/s")
     for name, n in sorted(summary["per_class"].items(), key=lambda kv: -kv[1]):
         print(f"  {name:20s} {n}")

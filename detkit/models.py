@@ -1,5 +1,7 @@
 """Whole models, composed in one place from config: backbone -> neck -> head.
 
+Detection heads make a :class:`Detector`, semantic heads (U-Net) a :class:`Segmenter`.
+
 :func:`build_model` reads ``model.*``; :class:`Detector` keeps the contract every detection head shares:
 ``model(images, targets)`` in training returns a dict of losses; in eval, one dict per image with ``boxes``
 (xyxy, pixels of the original image), ``scores``, ``labels`` (1..K) and, for Mask R-CNN, ``masks``
@@ -13,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detkit.errors import ConfigError, DataError
@@ -72,6 +75,51 @@ class Detector(nn.Module):
         return out
 
 
+class Segmenter(nn.Module):
+    """``backbone`` ({"c_k"}) -> optional ``neck`` -> a semantic ``head`` (per-pixel logits at input resolution).
+
+    Training: ``model(images, targets)`` with ``targets`` a ``B x H x W`` tensor of class indices 0..K-1 (255
+    unlabeled) returns the losses. Eval: one dict per image, ``semantic`` (``H x W`` int64 class indices at the
+    original resolution: the logits of the image's unpadded part are resized bilinearly to ``orig_sizes`` before
+    the argmax) and ``scores`` (the winning class's softmax probability per pixel).
+    """
+
+    task = "semantic"
+
+    def __init__(self, backbone: nn.Module, neck: nn.Module | None, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.neck, self.head = backbone, neck, head
+
+    def features(self, images: Tensor) -> dict[str, Tensor]:
+        feats = self.backbone(images)
+        return self.neck(feats) if self.neck is not None else feats
+
+    def logits(self, images: Tensor) -> Tensor:
+        """``B x K x H x W`` logits at the input's (padded) resolution."""
+        return self.head(self.features(images), images, None, None)[0]
+
+    def forward(self, images: Tensor, targets: Tensor | None = None,
+                image_sizes: Sequence[tuple[int, int]] | None = None, scales: Sequence[Any] | None = None,
+                orig_sizes: Sequence[tuple[int, int]] | None = None):
+        if self.training:
+            if targets is None:
+                raise ValueError("in training mode the segmenter needs targets (B x H x W label maps)")
+            _, losses = self.head(self.features(images), images, image_sizes, targets)
+            return losses
+        logits = self.logits(images)
+        if image_sizes is None:
+            image_sizes = [tuple(images.shape[-2:])] * images.shape[0]
+        out = []
+        for i, (h, w) in enumerate(image_sizes):
+            x = logits[i:i + 1, :, :int(h), :int(w)]
+            size = tuple(int(v) for v in orig_sizes[i]) if orig_sizes is not None else (int(h), int(w))
+            if tuple(x.shape[-2:]) != size:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            scores, semantic = x[0].softmax(dim=0).max(dim=0)
+            out.append({"semantic": semantic, "scores": scores})
+        return out
+
+
 def train_targets(targets: Sequence[Mapping[str, Any]]) -> list[dict[str, Tensor]]:
     """The training targets: crowd regions left out (they are ignored, not learned), masks as uint8."""
     out = []
@@ -87,11 +135,11 @@ def train_targets(targets: Sequence[Mapping[str, Any]]) -> list[dict[str, Tensor
     return out
 
 
-def build_model(cfg: Any) -> Detector:
+def build_model(cfg: Any) -> Detector | Segmenter:
     """The model of ``cfg.model``: backbone, neck (or none), and the head ``model.head.name`` from
-    :data:`detkit.heads.HEADS` with ``model.head.params``."""
+    :data:`detkit.heads.HEADS` with ``model.head.params``; a :class:`Segmenter` for semantic heads."""
     from detkit.backbones import build_backbone
-    from detkit.heads import HEADS
+    from detkit.heads import HEADS, SEMANTIC_HEADS
     from detkit.necks import build_neck
 
     m = cfg.model
@@ -101,6 +149,9 @@ def build_model(cfg: Any) -> Detector:
                           f"{', '.join(HEADS)})")
     if int(m.num_classes) < 1:
         raise ConfigError(f"model.num_classes = {m.num_classes}: expected at least 1 (background is added)")
+    if name in SEMANTIC_HEADS and int(m.num_classes) < 2:
+        raise ConfigError(f"model.num_classes = {m.num_classes}: semantic segmentation needs at least 2 classes "
+                          f"(U-Net adds no background class: give the dataset's classes, background included)")
     backbone = build_backbone(m.backbone)
     neck = build_neck(m.neck, backbone.out_channels, backbone.strides)
     if neck is not None:
@@ -109,6 +160,8 @@ def build_model(cfg: Any) -> Detector:
     else:
         channels, strides = dict(backbone.out_channels), dict(backbone.strides)
     head = HEADS[name](m.head.params, channels, strides, int(m.num_classes), int(cfg.data.image_size))
+    if name in SEMANTIC_HEADS:
+        return Segmenter(backbone, neck, head)
     return Detector(backbone, neck, head, mask_threshold=getattr(head, "mask_threshold", 0.5))
 
 

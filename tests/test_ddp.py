@@ -57,3 +57,26 @@ def test_two_process_ddp_training_and_validation_metrics_equal_one_process(odd_s
             assert m2[key] is None
         else:
             assert m2[key] == pytest.approx(m1[key], abs=1e-9), key
+
+
+@pytest.mark.timeout(900)
+def test_two_process_semantic_metrics_equal_one_process(odd_shapes, tmp_path):
+    """U-Net: confusion matrices of 2 processes (one rank sees a padded, repeated image) sum to the 1-process one."""
+    from test_unet import UNET_SHAPES, unet_overrides
+
+    run = tmp_path / "run"
+    trained = detkit_cli("train", str(UNET_SHAPES), *unet_overrides(odd_shapes, run, "train.epochs=1",
+                                                                    "trainer.limit_train_batches=3"))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    ckpt = str(run / "checkpoints/last.ckpt")
+    one = detkit_cli("eval", str(run), "--checkpoint", ckpt, "--out", str(tmp_path / "one.json"),
+                     "trainer.enable_progress_bar=false")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = detkit_cli("eval", str(run), "--checkpoint", ckpt, "--out", str(tmp_path / "two.json"),
+                     "trainer.enable_progress_bar=false", "trainer.devices=2", "trainer.strategy=ddp")
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1 = json.loads((tmp_path / "one.json").read_text())
+    m2 = json.loads((tmp_path / "two.json").read_text())
+    assert m1["images"] == m2["images"] == 7  # the repeated image counted once
+    assert m1["pixel_acc"] is not None and 0 < m1["pixel_acc"] < 1
+    assert m1 == m2  # exact: the same integer confusion matrix

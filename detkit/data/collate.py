@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from detkit.data.dataset import SEMANTIC_IGNORE
 
-TARGET_KEYS = ("boxes", "labels", "iscrowd", "difficult", "masks", "image_id", "orig_size", "scale", "file")
+TARGET_KEYS = ("boxes", "labels", "iscrowd", "difficult", "masks", "image_id", "orig_size", "scale", "file",
+               "semantic_orig")
 
 
 class Collate:

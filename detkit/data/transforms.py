@@ -11,10 +11,11 @@
 
 Every pipeline ends with conversion to tensors and normalisation by the *backbone's* mean/std, or, with
 ``normalize=False`` (what the DataModule uses), uint8 tensors that :class:`Normalizer` normalises on the
-training device: 4x less data crosses from the loader workers. Each sample
-records ``scale = (sx, sy)``, the factors from original to network pixels, so that predictions map back with
-``x / sx``. Boxes are clipped to the image; boxes that become degenerate are dropped and counted in
-``boxes_dropped``.
+training device: 4x less data crosses from the loader workers. Each sample records ``scale = (sx, sy)``, the
+factors from original to network pixels, so that predictions map back with ``x / sx``. Boxes are clipped to the
+image; boxes that become degenerate are dropped and counted in ``boxes_dropped``. Evaluation pipelines
+(``train=False``) also keep a sample's untransformed semantic map as ``semantic_orig``: semantic metrics are
+computed at the original resolution.
 
 Mosaic
 ------
@@ -155,9 +156,10 @@ class Pipeline:
     """A sample -> sample callable: albumentations transforms, then normalisation and tensors."""
 
     def __init__(self, transforms: Sequence[A.BasicTransform], mean: Sequence[float], std: Sequence[float],
-                 min_visibility: float = 0.0, normalize: bool = True) -> None:
+                 min_visibility: float = 0.0, normalize: bool = True, keep_original: bool = False) -> None:
         self.transforms = list(transforms)
         self.normalize = normalize
+        self.keep_original = keep_original  # eval: semantic maps are scored at the original resolution
         self.mean = np.asarray(mean, np.float32) * 255.0
         self.std = np.asarray(std, np.float32) * 255.0
         self._mean = torch.as_tensor(self.mean).view(3, 1, 1)
@@ -215,6 +217,8 @@ class Pipeline:
             result["masks"] = torch.as_tensor(masks.reshape(-1, h, w)[kept] if n else masks, dtype=torch.uint8)
         if sample.get("semantic") is not None:
             result["semantic"] = unshift_semantic(out["mask"])
+            if self.keep_original:
+                result["semantic_orig"] = torch.as_tensor(np.asarray(sample["semantic"]), dtype=torch.int64)
         result["scale"] = (w / w0, h / h0)
         result["boxes_dropped"] = int(n - len(kept))
         return result
@@ -372,4 +376,4 @@ def build_pipeline(spec: Any, *, image_size: int, mean: Sequence[float], std: Se
     else:
         raise ConfigError(f"{where}: expected a preset name ({', '.join(PRESETS)}) or a list of transforms, "
                           f"got {spec!r}")
-    return Pipeline(transforms, mean, std, min_visibility if train else 0.0, normalize)
+    return Pipeline(transforms, mean, std, min_visibility if train else 0.0, normalize, keep_original=not train)

@@ -1,8 +1,10 @@
-"""The LightningModule: one training/validation step for every detection model built by ``build_model``.
+"""The LightningModule: one training/validation step for every model built by ``build_model``.
 
 Batches arrive as uint8 images (see :class:`~detkit.data.datamodule.DetDataModule`) and are normalised on the
 device by the backbone's mean/std. Validation predictions go, in original image pixels, to a
-:class:`~detkit.evaluation.DetectionEvaluator` over the whole validation set, gathered across processes.
+:class:`~detkit.evaluation.DetectionEvaluator` (detectors) or a :class:`~detkit.evaluation.SemanticEvaluator`
+(segmenters: confusion matrices against the original-resolution label maps) over the whole validation set,
+gathered across processes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from detkit.data.datamodule import MASK_HEADS
 from detkit.data.transforms import Normalizer
 from detkit.engine.optim import build_optimizer, build_scheduler
-from detkit.errors import TrainingError
+from detkit.errors import ConfigError, DataError, TrainingError
 from detkit.models import build_model
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class DetectionModule(L.LightningModule):
         self.cfg = OmegaConf.create(config)
         self.classes = list(classes or [])
         self.model = build_model(self.cfg)
+        self.task = getattr(self.model, "task", "detection")  # "detection" or "semantic"
         self.normalizer = Normalizer(self.model.backbone.mean, self.model.backbone.std)
         self.evaluator = None
         self.metrics: dict[str, Any] = {}
@@ -57,15 +60,38 @@ class DetectionModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------ setup
     def attach_evaluator(self, dataset) -> None:
         """Score validation predictions against ``dataset``'s ground truth (all its images)."""
-        from detkit.evaluation import DetectionEvaluator, dataset_to_coco
+        from detkit.evaluation import DetectionEvaluator, SemanticEvaluator, dataset_to_coco
 
+        self.check_task(dataset, "data.val")
+        if self.task == "semantic":
+            self.evaluator = SemanticEvaluator(int(self.cfg.model.num_classes), class_names=list(dataset.classes))
+            return
         e = self.cfg.eval
         self.evaluator = DetectionEvaluator(dataset_to_coco(dataset, with_masks="segm" in self.iou_types),
                                             metrics=tuple(e.metrics), iou_types=self.iou_types, backend=e.backend,
                                             class_names=list(dataset.classes))
 
+    def check_task(self, dataset, key: str) -> None:
+        """The model's classes and task fit ``dataset``'s (a semantic model needs label maps, a detector boxes): one
+        line naming the mismatch otherwise."""
+        task = getattr(dataset, "task", "detection")
+        head = self.cfg.model.head.name
+        k = int(self.cfg.model.num_classes)
+        if len(dataset.classes) != k:
+            names = ", ".join(map(str, dataset.classes[:5])) + (", ..." if len(dataset.classes) > 5 else "")
+            raise ConfigError(f"model.num_classes = {k}, and {key} ({dataset.name}) has {len(dataset.classes)} "
+                              f"classes ({names}): set model.num_classes={len(dataset.classes)}")
+        if self.task == "semantic" and task != "semantic":
+            raise DataError(f"model.head.name = {head} needs semantic label maps, and {key} ({dataset.name}) is a "
+                            f"{task} dataset: use format masks, or a detection head")
+        if self.task != "semantic" and task == "semantic":
+            raise DataError(f"model.head.name = {head} needs boxes, and {key} ({dataset.name}) holds semantic label "
+                            f"maps only: use model.head.name=unet (or a detection dataset)")
+
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self.trainer is not None else None
+        if stage == "fit" and dm is not None and dm.dataset("train") is not None:
+            self.check_task(dm.dataset("train"), "data.train")
         if stage in ("fit", "validate") and self.evaluator is None and dm is not None:
             ds = dm.dataset("val")
             if ds is not None:
@@ -89,7 +115,13 @@ class DetectionModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self._count_skipped(batch)
         images = self.normalizer(batch["images"])
-        losses = self.model(images, batch["targets"], batch["image_sizes"])
+        if self.task == "semantic":
+            if "semantic" not in batch:
+                raise DataError("this batch has no semantic label maps (model.head.name = unet needs a masks dataset)")
+            targets = batch["semantic"].to(images.device)
+        else:
+            targets = batch["targets"]
+        losses = self.model(images, targets, batch["image_sizes"])
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
@@ -121,7 +153,11 @@ class DetectionModule(L.LightningModule):
         if not batch["targets"]:
             return
         predictions = self.predict_batch(batch)
-        if self.evaluator is not None:
+        if self.evaluator is not None and self.task == "semantic":
+            self.evaluator.update([p["semantic"].cpu() for p in predictions],
+                                  [t["semantic_orig"] for t in batch["targets"]],
+                                  [int(t["image_id"]) for t in batch["targets"]])
+        elif self.evaluator is not None:
             self.evaluator.update([{k: v.detach().cpu() for k, v in p.items()} for p in predictions],
                                   [int(t["image_id"]) for t in batch["targets"]])
 

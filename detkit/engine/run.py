@@ -2,7 +2,7 @@
 
 A run directory holds ``config.yaml`` (resolved), ``checkpoints/last.ckpt`` and ``checkpoints/best.ckpt`` (by
 ``eval.main_metric``), ``metrics.json`` (the last validation), ``tensorboard/`` and ``csv/metrics.csv`` logs,
-and, after ``detkit eval``, ``pr_curves/``.
+and, after ``detkit eval``, ``pr_curves/`` (detectors) or ``confusion_matrix.png`` (segmenters).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from detkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 RUN_DIR_ENV = "DETKIT_RUN_DIR"  # set by the launching process, so DDP workers write into the same run directory
+SEMANTIC_STATS = ("mIoU", "pixel_acc", "mean_class_acc", "dice")
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 DETKIT_TRAINER_KEYS = {"max_epochs", "gradient_clip_val", "callbacks", "logger", "plugins", "default_root_dir",
                        "enable_checkpointing"}
@@ -118,23 +119,35 @@ def build_trainer(cfg: DictConfig, out: Path, *, fit: bool = True, callbacks: li
 
 
 def check_config(cfg: DictConfig) -> None:
+    """``eval.metrics`` / ``eval.main_metric`` against what the head's task can be scored with."""
+    from detkit.heads import SEMANTIC_HEADS
+
     metrics = list(cfg.eval.metrics)
+    head = cfg.model.head.name
     for m in metrics:
-        if m not in ("coco", "voc07", "voc12"):
-            raise ConfigError(f"eval.metrics: unknown metric {m!r} (expected coco, voc07, voc12)")
+        if m not in ("coco", "voc07", "voc12", "semantic"):
+            raise ConfigError(f"eval.metrics: unknown metric {m!r} (expected coco, voc07, voc12 or semantic)")
+    if head in SEMANTIC_HEADS and metrics != ["semantic"]:
+        raise ConfigError(f"eval.metrics = {metrics}: model.head.name = {head} is scored with [semantic] (mIoU, "
+                          f"pixel_acc, ...); set eval.metrics=[semantic]")
+    if head not in SEMANTIC_HEADS and "semantic" in metrics:
+        raise ConfigError(f"eval.metrics = {metrics}: 'semantic' scores segmenters (model.head.name=unet), "
+                          f"not {head}")
     main = cfg.eval.main_metric
     coco = [f"{t}_{s}" for t in ("bbox", "segm") for s in COCO_STATS]
-    known = coco + ["voc07_mAP", "voc12_mAP"]
+    known = list(SEMANTIC_STATS) if head in SEMANTIC_HEADS else coco + ["voc07_mAP", "voc12_mAP"]
     if main not in known:
         import difflib
 
         close = difflib.get_close_matches(main, known, n=1, cutoff=0.6)
         hint = f" (did you mean '{close[0]}'?)" if close else f" (one of: {', '.join(known)})"
-        raise ConfigError(f"eval.main_metric = {main!r}: not a metric detkit computes{hint}")
+        raise ConfigError(f"eval.main_metric = {main!r}: not a metric detkit computes for {head}{hint}")
+    if head in SEMANTIC_HEADS:
+        return
     needs = "coco" if main.startswith(("bbox_", "segm_")) else main.split("_")[0]
     if needs not in metrics:
         raise ConfigError(f"eval.main_metric = {main}: needs '{needs}' in eval.metrics (has {metrics})")
-    if main.startswith("segm_") and cfg.model.head.name != "mask_rcnn":
+    if main.startswith("segm_") and head != "mask_rcnn":
         raise ConfigError(f"eval.main_metric = {main}: mask AP needs model.head.name = mask_rcnn")
 
 
@@ -240,7 +253,8 @@ def evaluate(target: str | Path, checkpoint: str | Path | None = None, overrides
     """Validate a run directory (its best checkpoint) or a config + ``checkpoint``; returns (metrics, out dir).
 
     Writes ``metrics.json``, ``predictions.json`` (the scored detections as COCO results with the dataset's own
-    ids) and ``pr_curves/*.png`` into the run directory (or the config's ``output_dir``).
+    ids) and ``pr_curves/*.png`` (segmenters: ``confusion_matrix.png``) into the run directory (or the config's
+    ``output_dir``).
     """
     from detkit.engine.callbacks import write_metrics
 
@@ -272,7 +286,10 @@ def evaluate(target: str | Path, checkpoint: str | Path | None = None, overrides
     metrics = module.metrics
     if trainer.is_global_zero:
         write_metrics(metrics, out / "metrics.json")
-        if module.evaluator is not None:
+        if module.evaluator is not None and module.task == "semantic":
+            if plots:
+                module.evaluator.plot_confusion_matrix(out / "confusion_matrix.png")
+        elif module.evaluator is not None:
             from detkit.evaluation import results_to_dataset_ids
 
             # the scored detections, with the dataset's own image and category ids (COCO results format)

@@ -1,8 +1,10 @@
-"""detkit.evaluation: COCO and VOC detection metrics (see docs/architecture.md).
+"""detkit.evaluation: COCO and VOC detection metrics, semantic segmentation metrics (see docs/architecture.md).
 
 ``ground_truth`` (datasets as COCO dicts), ``coco`` (COCOeval, pycocotools or faster-coco-eval), ``voc`` (VOC07 /
 VOC12 mAP), ``predictions`` (model outputs and files as COCO results), ``evaluator`` (``DetectionEvaluator``,
-DDP-aware), ``score`` (a predictions file against a ground truth), ``plots`` (PR curves), ``table`` (text table).
+DDP-aware), ``score`` (a predictions file against a ground truth), ``plots`` (PR curves), ``table`` (text
+tables), ``semantic`` (semantic segmentation: confusion matrix, mIoU, pixel and class accuracy, Dice;
+``SemanticEvaluator``, DDP-aware).
 """
 
 from detkit.evaluation.coco import CocoReport, coco_metrics
@@ -16,16 +18,20 @@ from detkit.evaluation.predictions import (
     results_to_labels,
 )
 from detkit.evaluation.score import score_predictions
-from detkit.evaluation.table import format_table
+from detkit.evaluation.semantic import SemanticEvaluator, confusion_matrix, semantic_metrics
+from detkit.evaluation.table import format_semantic_table, format_table
 from detkit.evaluation.voc import VocReport, voc_ap, voc_metrics
 
 __all__ = [
     "CocoReport",
     "DetectionEvaluator",
+    "SemanticEvaluator",
     "VocReport",
     "check_ground_truth",
     "coco_metrics",
+    "confusion_matrix",
     "dataset_to_coco",
+    "format_semantic_table",
     "format_table",
     "load_ground_truth",
     "load_predictions",
@@ -35,6 +41,7 @@ __all__ = [
     "results_to_dataset_ids",
     "results_to_labels",
     "score_predictions",
+    "semantic_metrics",
     "voc_ap",
     "voc_metrics",
 ]

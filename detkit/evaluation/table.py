@@ -1,4 +1,5 @@
-"""The text table of an evaluation (``detkit eval``): main metrics, then per-class AP."""
+"""The text table of an evaluation (``detkit eval``): main metrics, then per-class AP (detection) or per-class
+IoU, accuracy and Dice (semantic segmentation)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ from typing import Any
 from detkit.evaluation.coco import IOU_TYPES, STAT_NAMES
 
 
-def format_table(metrics: Mapping[str, Any], per_class_title: str = "per-class AP", columns: int = 3) -> str:
-    """Rows of COCO stats per IoU type, the VOC mAPs, and the per-class AP table (``-`` for ``None``)."""
+def format_table(metrics: Mapping[str, Any], per_class_title: str = "per-class AP", columns: int | None = None) -> str:
+    """Rows of COCO stats per IoU type, the VOC mAPs, and the per-class AP table (``-`` for ``None``; ``columns``
+    classes a row, 3 by default). Semantic segmentation metrics (with ``mIoU``) go to
+    :func:`format_semantic_table` (``columns`` passed on, its default when ``None``)."""
+    if "mIoU" in metrics:
+        return format_semantic_table(metrics) if columns is None else format_semantic_table(metrics, columns)
+    columns = 3 if columns is None else columns
     lines = []
     rows = [(t, [metrics.get(f"{t}_{s}") for s in STAT_NAMES]) for t in IOU_TYPES
             if any(f"{t}_{s}" in metrics for s in STAT_NAMES)]
@@ -25,6 +31,29 @@ def format_table(metrics: Mapping[str, Any], per_class_title: str = "per-class A
         cells = [f"{str(name)[:width]:<{width}} {_fmt(ap):>6}" for name, ap in per_class.items()]
         lines += ["", per_class_title]
         lines.append("    ".join([f"{'class':<{width}} {'AP':>6}"] * min(columns, len(cells))))
+        lines += ["    ".join(cells[i:i + columns]) for i in range(0, len(cells), columns)]
+    return "\n".join(lines)
+
+
+SEMANTIC_SUMMARY = ("mIoU", "pixel_acc", "mean_class_acc", "dice")
+
+
+def format_semantic_table(metrics: Mapping[str, Any], columns: int = 2) -> str:
+    """Semantic segmentation metrics (:func:`~detkit.evaluation.semantic.semantic_metrics`): a line of
+    ``mIoU``, ``pixel_acc``, ``mean_class_acc`` and ``dice``, then a table of per-class IoU, accuracy and Dice,
+    ``columns`` classes a row (``-`` for ``None``)."""
+    lines = ["   ".join(f"{key} {_fmt(metrics.get(key))}" for key in SEMANTIC_SUMMARY)]
+    iou = metrics.get("per_class") or {}
+    acc = metrics.get("per_class_acc") or {}
+    dice = metrics.get("per_class_dice") or {}
+    names = list(iou) + [n for n in acc if n not in iou] + [n for n in dice if n not in iou and n not in acc]
+    if names:
+        width = min(max(5, *(len(str(name)) for name in names)), 28)
+        cells = [f"{str(name)[:width]:<{width}} {_fmt(iou.get(name)):>6} {_fmt(acc.get(name)):>6} "
+                 f"{_fmt(dice.get(name)):>6}" for name in names]
+        header = f"{'class':<{width}} {'IoU':>6} {'acc':>6} {'Dice':>6}"
+        lines += ["", "per-class IoU / accuracy / Dice"]
+        lines.append("    ".join([header] * min(columns, len(cells))))
         lines += ["    ".join(cells[i:i + columns]) for i in range(0, len(cells), columns)]
     return "\n".join(lines)
 

@@ -3,7 +3,9 @@
 ``Predictor.from_checkpoint(path)(images)`` takes paths, PIL images, H x W x 3 uint8 arrays or 3 x H x W
 tensors (one or many, any sizes), resizes them with the run's validation pipeline (resizing happens once),
 batches them, and returns per image ``{"boxes", "scores", "labels", "names"[, "masks"]}`` with boxes mapped
-back to the original image.
+back to the original image; for a segmenter (U-Net) ``{"semantic": H x W class indices 0..K-1 at the original
+size (255 where the winning probability is below ``score_threshold``), "scores": that probability per pixel,
+"names": the classes present}``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from detkit.data.collate import Collate
-from detkit.data.dataset import IMAGE_SUFFIXES, list_images, read_image, to_uint8_rgb
+from detkit.data.dataset import IMAGE_SUFFIXES, SEMANTIC_IGNORE, list_images, read_image, to_uint8_rgb
 from detkit.data.transforms import build_pipeline
 
 
@@ -52,6 +54,7 @@ class Predictor:
         self.module = module.eval().to(self.device)
         self.cfg = module.cfg
         self.classes: list[str] = list(module.classes)
+        self.task: str = getattr(module, "task", "detection")
         self.cat_ids: list[Any] = list(module.hparams.get("cat_ids") or range(1, len(self.classes) + 1))
         self.batch_size, self.score_threshold = int(batch_size), float(score_threshold)
         d = self.cfg.data
@@ -88,6 +91,12 @@ class Predictor:
         return results[0] if single else results
 
     def _finish(self, pred: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if "semantic" in pred:  # a segmenter: pixels less sure than the threshold become unlabeled (255)
+            semantic, scores = pred["semantic"].cpu(), pred["scores"].cpu()
+            if self.score_threshold > 0:
+                semantic = torch.where(scores >= self.score_threshold, semantic, SEMANTIC_IGNORE)
+            present = [int(v) for v in torch.unique(semantic).tolist() if v != SEMANTIC_IGNORE]
+            return {"semantic": semantic, "scores": scores, "names": [self.classes[v] for v in present]}
         keep = pred["scores"] >= self.score_threshold
         out = {k: v[keep].cpu() for k, v in pred.items()}
         out["names"] = [self.classes[int(i) - 1] if 0 < int(i) <= len(self.classes) else str(int(i))
