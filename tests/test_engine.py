@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -225,3 +226,30 @@ def test_main_metric_typos_are_caught_before_training(shapes_dir, tmp_path):
 def test_eval_with_a_checkpoint_that_does_not_fit_the_config_is_one_line(trained_run):
     with pytest.raises(ConfigError, match="does not fit the model"):
         detkit.evaluate(trained_run, overrides=["model.neck.out_channels=16"])
+
+
+@pytest.mark.parametrize("config", ["pennfudan", "coco128"])
+def test_mask_rcnn_trains_on_real_instance_masks(config, tmp_path):
+    """The shipped Mask R-CNN configs, shrunk: instance-id PNGs (pennfudan) and COCO RLE/polygons (coco128)."""
+    from conftest import shared_path
+
+    shared_path("datasets", config)
+    run = detkit.train(detkit.load_config(TINY_CONFIG.parent.parent / "mask_rcnn" / f"{config}.yaml", [
+        "model.backbone.name=resnet18", "model.neck.out_channels=32", "model.head.params.box_head_dim=64",
+        "model.head.params.mask_head_layers=[16,16]", "data.image_size=128", "data.batch_size=2",
+        "data.num_workers=0", "train.epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
+        "model.head.params.box_score_thresh=0.0", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false", f"output_dir={tmp_path / 'run'}"]))
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("segm_AP", "segm_AP50", "bbox_AP"):
+        assert metrics[key] is not None and 0.0 <= metrics[key] <= 1.0, key
+    from detkit.inference import Predictor
+
+    predictor = Predictor.from_checkpoint(run, score_threshold=0.0)
+    val = detkit.load_config(run / "config.yaml").data.val
+    image = sorted(p for p in Path(val.images).iterdir() if p.suffix.lower() in (".png", ".jpg"))[0]
+    out = predictor(str(image))
+    from PIL import Image
+
+    w, h = Image.open(image).size
+    assert out["masks"].shape[1:] == (h, w) and len(out["masks"]) == len(out["boxes"])

@@ -287,7 +287,7 @@ def test_task_and_metric_mismatches_are_one_line_errors(shapes_dir, tmp_path):
         ("format", "masks"), ("annotations", f"{shapes_dir}/semantic/{s}"), ("images", f"{shapes_dir}/images/{s}"),
         ("classes", "[background,circle,square,triangle,star]"))]
     with pytest.raises(DataError, match="needs boxes"):
-        train(TINY_CONFIG, tiny_detector_overrides(shapes_dir, tmp_path / "c", *semantic_data))
+        train(TINY_CONFIG, tiny_detector_overrides(shapes_dir, tmp_path / "c", *semantic_data, "model.num_classes=5"))
     with pytest.raises(DataError, match="needs semantic label maps"):
         train(UNET_SHAPES, unet_overrides(shapes_dir, tmp_path / "d", "data.train.format=coco",
                                           "data.train.classes=null", "model.num_classes=4",
@@ -304,3 +304,24 @@ def test_shipped_unet_configs_build(name):
     assert isinstance(model, Segmenter)
     assert model.head.classifier.out_channels == cfg.model.num_classes
     assert OmegaConf.select(cfg, "eval.main_metric") == "mIoU"
+
+
+# ------------------------------------------------------------------------------------- real data (../shared)
+@pytest.mark.parametrize("config,backbone", [("camvid", "resnet18"), ("coco128", "mobilenet_v3_small")])
+def test_shipped_unet_configs_train_on_real_data(config, backbone, tmp_path):
+    from conftest import shared_path
+    from detkit.engine import train
+
+    shared_path("datasets", "camvid" if config == "camvid" else "coco128")
+    run = train(ROOT / "configs" / "unet" / f"{config}.yaml", [
+        f"model.backbone.name={backbone}", "model.backbone.pretrained=null", "data.image_size=96",
+        "model.head.params.decoder_channels=[32,16,16,8,8]", "data.num_workers=0", "data.batch_size=2",
+        "data.transforms.train=train", "train.epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=3",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"output_dir={tmp_path / 'run'}"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["images"] == 6
+    assert metrics["pixel_acc"] is not None and 0 <= metrics["pixel_acc"] <= 1
+    classes = 11 if config == "camvid" else 129
+    assert len(metrics["per_class"]) == classes
+    # classes absent from these 6 images' ground truth and never predicted are null, not 0
+    assert any(v is None for v in metrics["per_class"].values()) or config == "camvid"

@@ -19,4 +19,5 @@ args = parser.parse_args()
 
 predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, score_threshold=args.score_threshold)
 summary = predict_files(predictor, expand_inputs(args.inputs), args.out)
-print(f"{summary['images']} images, {summary['detections']} detections -> {summary['out']}")
+found = "label maps" if summary["task"] == "semantic" else f"{summary['detections']} detections"
+print(f"{summary['images']} images, {found} -> {summary['out']}")
