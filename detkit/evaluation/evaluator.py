@@ -22,6 +22,7 @@ from typing import Any
 
 from detkit.errors import ConfigError, DataError
 from detkit.evaluation.coco import CocoReport, check_coco_options, coco_metrics
+from detkit.evaluation.distributed import gather_first_copy
 from detkit.evaluation.ground_truth import category_names, check_ground_truth, has_segmentation
 from detkit.evaluation.plots import plot_coco_pr, plot_voc_pr
 from detkit.evaluation.predictions import predictions_to_results
@@ -114,22 +115,12 @@ class DetectionEvaluator:
     def gather(self) -> None:
         """Under ``torch.distributed`` with more than one process, share every rank's predictions (call it on all
         ranks), keeping one copy per image (the lowest rank's). A no-op otherwise."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        gathered = gather_first_copy(self._results, self._unknown)
+        if gathered is None:
             return
-        parts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (self._results, self._unknown))
-        merged: dict[Any, list[dict[str, Any]]] = {}
-        repeated = 0
-        for results, _ in parts:
-            for image_id, image_results in results.items():
-                if image_id in merged:
-                    repeated += 1
-                else:
-                    merged[image_id] = image_results
-        self._results, self._repeated = merged, self._repeated + repeated
-        self._unknown = sum(unknown for _, unknown in parts)
+        self._results, repeated, unknown = gathered
+        self._repeated += repeated
+        self._unknown = sum(unknown)
 
     def results(self) -> list[dict[str, Any]]:
         """Every held prediction as COCO results (ground-truth category ids), in image-id order."""

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from detkit.data.dataset import SEMANTIC_IGNORE
+from detkit.evaluation.distributed import gather_first_copy
 from detkit.evaluation.table import format_semantic_table
 
 __all__ = ["SemanticEvaluator", "confusion_matrix", "semantic_metrics"]
@@ -140,21 +141,10 @@ class SemanticEvaluator:
     def gather(self) -> None:
         """Under ``torch.distributed`` with more than one process, share every rank's per-image confusions (call
         it on all ranks), keeping one copy per image (the lowest rank's). A no-op otherwise."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-            return
-        parts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, self._entries)
-        merged: dict[Any, tuple[np.ndarray, np.ndarray]] = {}
-        repeated = 0
-        for entries in parts:
-            for image_id, entry in entries.items():
-                if image_id in merged:
-                    repeated += 1
-                else:
-                    merged[image_id] = entry
-        self._entries, self._repeated = merged, self._repeated + repeated
+        gathered = gather_first_copy(self._entries)
+        if gathered is not None:
+            self._entries, repeated, _ = gathered
+            self._repeated += repeated
 
     @property
     def confusion(self) -> torch.Tensor:
