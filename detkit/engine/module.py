@@ -142,9 +142,12 @@ class DetectionModule(L.LightningModule):
         if self.evaluator is not None:
             self.evaluator.reset()
 
-    def predict_batch(self, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+    def predict_batch(self, batch: dict[str, Any], model: torch.nn.Module | None = None
+                      ) -> list[dict[str, torch.Tensor]]:
+        """Predictions in original pixels, by ``model`` (default: this module's; the Predictor passes its
+        optimised copy)."""
         targets = batch["targets"]
-        return self.model(self.normalizer(batch["images"]), image_sizes=batch["image_sizes"],
+        return (model or self.model)(self.normalizer(batch["images"]), image_sizes=batch["image_sizes"],
                           scales=[t.get("scale") for t in targets] if targets and "scale" in targets[0] else None,
                           orig_sizes=[t["orig_size"] for t in targets] if targets else None)
 

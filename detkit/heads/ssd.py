@@ -13,7 +13,7 @@ torchvision's ``SSDMatcher`` (IoU >= ``iou_thresh``, plus the best default box o
 ``loss_classifier`` (cross-entropy over the positives and the hardest ``neg_to_pos_ratio`` x as many
 negatives), both divided by the number of positives: torchvision's ``SSD.compute_loss``. Eval decodes, keeps
 the ``topk_candidates`` best boxes per class above ``score_thresh``, and runs ``batched_nms``
-(torchvision's ``SSD.postprocess_detections``, without its per-class loop).
+(torchvision's ``SSD.postprocess_detections``, without its per-class and per-image loops).
 
 **Padded batches.** ``DefaultBoxGenerator`` places box centres uniformly over the (padded) batch tensor -- the
 grid the feature maps cover -- and sizes them relative to that tensor's width and height, so in a non-square
@@ -37,11 +37,12 @@ from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSDHead
 from torchvision.models.detection.ssdlite import SSDLiteHead
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
+from torchvision.ops import box_iou
 from torchvision.ops.misc import Conv2dNormActivation
 
 from detkit.errors import ConfigError
 from detkit.heads.params import parse_params
+from detkit.heads.postprocess import Flat, batched_detections, split_per_image
 
 WHERE = "model.head.params"
 # torchvision's SSDlite norm layer (also used here for the plain extras' BatchNorm)
@@ -173,25 +174,24 @@ class SingleShotHead(nn.Module):
         return {"loss_classifier": (cls_loss[positive].sum() + cls_loss[negative].sum()) / n,
                 "loss_box_reg": box_loss / n}
 
+    def detect(self, out: dict[str, Tensor], anchors: Tensor, image_sizes: list[tuple[int, int]]) -> Flat:
+        """Flat detections of the batch: decode, per class the ``topk_candidates`` best above ``score_thresh``,
+        class-wise NMS, ``detections_per_img`` per image (:func:`detkit.heads.postprocess.batched_detections`)."""
+        regression = out["bbox_regression"]
+        scores = F.softmax(out["cls_logits"], dim=-1)[..., 1:]  # background (0) dropped: column j is label j + 1
+        boxes = self.box_coder.decode_single(regression.reshape(-1, 4), anchors.repeat(regression.shape[0], 1))
+        return batched_detections(boxes.view(regression.shape), scores, image_sizes, score_thresh=self.score_thresh,
+                                  nms_thresh=self.nms_thresh, max_detections=self.detections_per_img,
+                                  topk=self.topk_candidates, per_class_topk=True)
+
     def postprocess(self, out: dict[str, Tensor], anchors: Tensor,
                     image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
-        """Per image: decode, per class the ``topk_candidates`` best above ``score_thresh``, class-wise NMS."""
-        scores = F.softmax(out["cls_logits"], dim=-1)[..., 1:]  # background (0) dropped: column j is label j + 1
-        num_anchors, num_classes = scores.shape[1:]
-        k = min(self.topk_candidates, num_anchors)
-        detections = []
-        for regression, image_scores, size in zip(out["bbox_regression"], scores, image_sizes):
-            boxes = clip_boxes_to_image(self.box_coder.decode_single(regression, anchors), size)
-            # per class the k best (the column-wise top-k), then those above the threshold: the same set as
-            # thresholding first and taking each class's top-k
-            top, index = image_scores.topk(k, dim=0)  # [k, K]
-            labels = torch.arange(1, num_classes + 1, device=top.device).expand(k, num_classes)
-            keep = top > self.score_thresh
-            top, index, labels = top[keep], index[keep], labels[keep]
-            boxes = boxes[index]
-            keep = batched_nms(boxes, top, labels, self.nms_thresh)[: self.detections_per_img]
-            detections.append({"boxes": boxes[keep], "scores": top[keep], "labels": labels[keep]})
-        return detections
+        return split_per_image(self.detect(out, anchors, image_sizes), out["cls_logits"].shape[0])
+
+    def flat_detections(self, features: dict[str, Tensor], images: Tensor, image_sizes: list[tuple[int, int]]) -> Flat:
+        """The exported forward: features -> flat detections (boxes, scores, labels, batch index)."""
+        maps = self.feature_maps(features)
+        return self.detect(self.predictor(maps), self.default_boxes(images, maps), image_sizes)
 
 
 def hard_negatives(cls_loss: Tensor, positive: Tensor, ratio: float) -> Tensor:

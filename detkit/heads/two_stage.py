@@ -100,7 +100,7 @@ def build_two_stage_head(p: TwoStageParams, channels: int, strides: dict[str, in
         if unknown:
             raise ConfigError(f"model.head.params.{key}: {unknown} not among the neck's levels {levels}")
         ks = [strides[k] for k in chosen]
-        if not ks or any(b != 2 * a for a, b in zip(ks, ks[1:])):
+        if not ks or any(b not in (a, 2 * a) for a, b in zip(ks, ks[1:])):  # (torchvision's mobilenet: 32, 32, 64)
             raise ConfigError(f"model.head.params.{key} = {chosen}: give consecutive levels from fine to coarse "
                               f"(e.g. {levels})")
     check_params(p, masks)

@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import (
     Conv2dNormActivation,
-    batched_nms,
     complete_box_iou_loss,
     distance_box_iou_loss,
     generalized_box_iou_loss,
@@ -46,6 +45,7 @@ from torchvision.ops import (
 
 from detkit.errors import ConfigError
 from detkit.heads.params import parse_params
+from detkit.heads.postprocess import Flat, batched_detections, split_per_image
 
 BOX_LOSSES = {"ciou": complete_box_iou_loss, "giou": generalized_box_iou_loss, "diou": distance_box_iou_loss}
 DEFAULT_ANCHOR_SHAPES = ((4.0, 4.0), (5.66, 2.83), (2.83, 5.66))  # x stride: area (4s)^2, aspect 1, 2, 1/2
@@ -258,27 +258,20 @@ class YoloHead(nn.Module):
             scores.append((out[..., 4:5].sigmoid() * out[..., 5:].sigmoid()).reshape(b, -1, self.num_classes))
         return torch.cat(boxes, 1), torch.cat(scores, 1)
 
-    def postprocess(self, outs: list[Tensor], image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+    def detect(self, outs: list[Tensor], image_sizes: list[tuple[int, int]]) -> Flat:
+        """Flat detections of the batch (:func:`detkit.heads.postprocess.batched_detections`): candidates above
+        ``score_thresh`` (obj x class), the ``pre_nms_topk`` best per image, class-wise NMS, ``max_detections``."""
         p = self.p
         boxes, scores = self.decode_outputs(outs)
-        results = []
-        for bxs, sc, (h, w) in zip(boxes, scores, image_sizes):
-            if p.multi_label:
-                idx, cls = (sc > p.score_thresh).nonzero().unbind(1)
-                s = sc[idx, cls]
-            else:
-                s, cls = sc.max(1)
-                idx = (s > p.score_thresh).nonzero()[:, 0]
-                s, cls = s[idx], cls[idx]
-            if len(s) > p.pre_nms_topk:
-                s, top = s.topk(p.pre_nms_topk)
-                idx, cls = idx[top], cls[top]
-            bx = bxs[idx]
-            bx = torch.stack([bx[:, 0].clamp(0, w), bx[:, 1].clamp(0, h), bx[:, 2].clamp(0, w), bx[:, 3].clamp(0, h)],
-                             1)
-            keep = batched_nms(bx, s, cls, p.nms_thresh)[: p.max_detections]
-            results.append({"boxes": bx[keep], "scores": s[keep], "labels": cls[keep] + 1})
-        return results
+        return batched_detections(boxes, scores, image_sizes, score_thresh=p.score_thresh, nms_thresh=p.nms_thresh,
+                                  max_detections=p.max_detections, topk=p.pre_nms_topk, multi_label=p.multi_label)
+
+    def postprocess(self, outs: list[Tensor], image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        return split_per_image(self.detect(outs, image_sizes), outs[0].shape[0])
+
+    def flat_detections(self, features: dict[str, Tensor], images: Tensor, image_sizes: list[tuple[int, int]]) -> Flat:
+        """The exported forward: features -> flat detections (boxes, scores, labels, batch index)."""
+        return self.detect(self.raw_outputs(features), image_sizes)
 
 
 def check_params(p: YoloParams) -> None:
