@@ -303,21 +303,29 @@ def _eval_predictions(args: argparse.Namespace):
 
 def _predict(args: argparse.Namespace) -> int:
     from detkit.inference import Predictor, expand_inputs
-    from detkit.inference.run import predict_files
+    from detkit.inference.run import format_summary, predict_files
 
     files = expand_inputs(args.inputs)
     if not files:
         raise DetkitError(f"no images found in {' '.join(args.inputs)}")
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
-                                          score_threshold=args.score_threshold)
-    summary = predict_files(predictor, files, args.out)
-    semantic = summary["task"] == "semantic"
-    found = "label maps (images per class below)" if semantic else f"{summary['detections']} detections"
-    print(f"{summary['images']} images ({summary['skipped']} skipped), {found}, "
-          f"{summary['images_per_s']:.1f} images/s")
-    for name, n in sorted(summary["per_class"].items(), key=lambda kv: -kv[1]):
-        print(f"  {name:20s} {n}")
-    print(f"drawn images and predictions.json in {summary['out']}")
+                                          score_threshold=args.score_threshold, classes=args.classes,
+                                          fast=not args.no_fast, compile=args.compile)
+    print(format_summary(predict_files(predictor, files, args.out)))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from detkit.engine.run import load_checkpoint, resolve_checkpoint
+    from detkit.inference.export import export_model
+
+    module = load_checkpoint(resolve_checkpoint(args.checkpoint, "best"))
+    info = export_model(module, args.format, args.out, dynamic_batch=args.dynamic_batch, batch_size=args.batch_size,
+                        image_size=args.image_size, opset=args.opset, fold_bn=not args.no_fold_bn)
+    shape = " x ".join(str(v) for v in info.input_shape)
+    print(f"{info.head} -> {info.file} ({info.format}; input images {shape}, float RGB 0..255 resized like "
+          f"data.resize={info.resize}; outputs {', '.join(info.outputs)}; {info.batchnorms_folded} BatchNorms folded)")
+    print(f"classes and settings: {info.file}.json")
     return 0
 
 
@@ -422,7 +430,25 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--score-threshold", type=float, default=0.3)
     pr.add_argument("--batch-size", type=positive_int, default=4)
     pr.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    pr.add_argument("--classes", default=None, metavar="A,B",
+                    help="comma-separated class names to keep (default: all)")
+    pr.add_argument("--no-fast", action="store_true",
+                    help="run the model as trained (default: BatchNorm folded into convs, channels_last)")
+    pr.add_argument("--compile", action="store_true", help="also torch.compile the backbone and neck")
     pr.set_defaults(func=_predict)
+
+    ex = sub.add_parser("export", help="export a trained model to ONNX or TorchScript")
+    ex.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT")
+    ex.add_argument("--format", required=True, choices=("onnx", "torchscript"))
+    ex.add_argument("--out", required=True, help="the file to write (a .json with classes and settings goes beside)")
+    ex.add_argument("--dynamic-batch", action="store_true",
+                    help="any batch size at run time (one-stage heads and U-Net; two-stage models need a fixed batch)")
+    ex.add_argument("--batch-size", type=positive_int, default=1, help="the fixed batch size (default 1)")
+    ex.add_argument("--image-size", type=positive_int, default=None,
+                    help="square input size (default: data.image_size, rounded up to data.size_divisor)")
+    ex.add_argument("--opset", type=positive_int, default=17, help="ONNX opset (default 17)")
+    ex.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm layers (default: folded into convs)")
+    ex.set_defaults(func=_export)
     return parser
 
 

@@ -6,10 +6,18 @@ batches them, and returns per image ``{"boxes", "scores", "labels", "names"[, "m
 back to the original image; for a segmenter (U-Net) ``{"semantic": H x W class indices 0..K-1 at the original
 size (255 where the winning probability is below ``score_threshold``), "scores": that probability per pixel,
 "names": the classes present}``.
+
+``classes=["a", "b"]`` (or ``"a,b"``) keeps only those classes: other detections are dropped, other pixels of a
+label map become 255 (unlabeled); unknown names are a ``ConfigError``. ``None`` or ``""``: every class.
+
+Fast inference is on by default (``fast=True``): the Predictor runs its own copy of the model with BatchNorm
+folded into the convolutions and ``channels_last`` weights and inputs (:mod:`detkit.inference.optimize`; the
+detections are the same up to float rounding); ``compile=True`` adds ``torch.compile`` of the backbone and neck.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +51,8 @@ class Predictor:
     """Runs a trained detection module over images (see the module docstring)."""
 
     def __init__(self, module, device: str | torch.device = "cpu", batch_size: int = 4,
-                 score_threshold: float = 0.0) -> None:
+                 score_threshold: float = 0.0, fast: bool = True, compile: bool | str = False,
+                 classes: str | Sequence[str] | None = None) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and (not torch.cuda.is_available() or
                                            (self.device.index or 0) >= torch.cuda.device_count()):
@@ -52,10 +61,21 @@ class Predictor:
             raise ConfigError(f"device {device!r}: no such CUDA device here "
                               f"({torch.cuda.device_count()} available); use --device cpu")
         self.module = module.eval().to(self.device)
+        self.model = self.module.model
+        self.channels_last = bool(fast)
+        if fast or compile:  # a copy: the module given stays trainable
+            from detkit.inference.optimize import optimize_for_inference
+
+            self.model = copy.deepcopy(self.module.model)
+            self.report = optimize_for_inference(self.model, fold_bn=fast, channels_last=fast, compile=compile)
         self.cfg = module.cfg
         self.classes: list[str] = list(module.classes)
         self.task: str = getattr(module, "task", "detection")
-        self.cat_ids: list[Any] = list(module.hparams.get("cat_ids") or range(1, len(self.classes) + 1))
+        first = 0 if self.task == "semantic" else 1  # label maps hold indices 0..K-1, detections labels 1..K
+        self.cat_ids: list[Any] = list(module.hparams.get("cat_ids") or range(first, len(self.classes) + first))
+        self.keep_classes: list[str] | None = select_classes(classes, self.classes)
+        self._keep = None if self.keep_classes is None else torch.tensor(
+            [self.classes.index(n) + first for n in self.keep_classes])
         self.batch_size, self.score_threshold = int(batch_size), float(score_threshold)
         d = self.cfg.data
         backbone = module.model.backbone
@@ -86,7 +106,9 @@ class Predictor:
             chunk = items[start:start + self.batch_size]
             batch = self.collate([self.sample(im, start + i) for i, im in enumerate(chunk)])
             batch["images"] = batch["images"].to(self.device)
-            for pred in self.module.predict_batch(batch):
+            if self.channels_last:
+                batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
+            for pred in self.module.predict_batch(batch, model=self.model):
                 results.append(self._finish(pred))
         return results[0] if single else results
 
@@ -95,18 +117,40 @@ class Predictor:
             semantic, scores = pred["semantic"].cpu(), pred["scores"].cpu()
             if self.score_threshold > 0:
                 semantic = torch.where(scores >= self.score_threshold, semantic, SEMANTIC_IGNORE)
+            if self._keep is not None:
+                semantic = torch.where(torch.isin(semantic, self._keep), semantic, SEMANTIC_IGNORE)
             present = [int(v) for v in torch.unique(semantic).tolist() if v != SEMANTIC_IGNORE]
             return {"semantic": semantic, "scores": scores, "names": [self.classes[v] for v in present]}
         keep = pred["scores"] >= self.score_threshold
+        if self._keep is not None:
+            keep &= torch.isin(pred["labels"], self._keep.to(pred["labels"].device))
         out = {k: v[keep].cpu() for k, v in pred.items()}
         out["names"] = [self.classes[int(i) - 1] if 0 < int(i) <= len(self.classes) else str(int(i))
                         for i in out["labels"]]
         return out
 
     def category_id(self, label: int) -> Any:
-        """The dataset's own category id of contiguous label ``label`` (an int where the dataset has ints)."""
-        cat = self.cat_ids[int(label) - 1]
+        """The dataset's own category id of contiguous label ``label`` (1..K; for a segmenter the class index
+        0..K-1), where the dataset's ids are ints; else ``label`` itself (e.g. VOC, whose ids are the names)."""
+        cat = self.cat_ids[int(label) - (0 if self.task == "semantic" else 1)]
         return int(cat) if isinstance(cat, int | np.integer) else int(label)
+
+
+def select_classes(wanted: str | Sequence[str] | None, classes: Sequence[str]) -> list[str] | None:
+    """``"a,b"`` or ``["a", "b"]`` checked against the model's ``classes`` (``None`` for all classes)."""
+    if wanted is None:
+        return None
+    names = wanted.split(",") if isinstance(wanted, str) else [str(n) for n in wanted]
+    names = list(dict.fromkeys(n.strip() for n in names if n.strip()))
+    if not names:
+        return None
+    unknown = [n for n in names if n not in classes]
+    if unknown:
+        from detkit.errors import ConfigError
+
+        raise ConfigError(f"unknown class{'es' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                          f"this model's classes: {', '.join(classes)}")
+    return names
 
 
 def expand_inputs(inputs: Iterable[str]) -> list[Path]:

@@ -1,9 +1,25 @@
 """``detkit predict``: a predictor over image paths -> drawn images, ``predictions.json``, a summary.
 
-Detectors: ``<stem>.jpg`` with boxes, captions and instance masks; ``predictions.json`` in COCO results format
-(the dataset's own category ids). Segmenters: ``<stem>.jpg`` with the label map blended in and a legend,
-``<stem>_labels.png`` (class indices 0..K-1, 255 unlabeled), and ``predictions.json`` listing per image its
-label file and the classes present; ``per_class`` then counts images, not detections.
+``predictions.json`` is a list of COCO results; ``image_id`` numbers the images read (1, 2, ... in input order),
+``file_name`` is the image's path as given, ``category_id`` the dataset's own id of the class (its contiguous
+label, or class index for segmenters, where the dataset's ids are not ints, e.g. VOC's names) and
+``category_name`` its name. Segmentations are compressed COCO RLE at the original image size
+(``{"size": [h, w], "counts": str}``; ``pycocotools.mask.decode`` reads them).
+
+Detectors (one entry per detection; ``<stem>.jpg`` drawn with boxes, captions and instance masks)::
+
+    {"image_id", "file_name", "category_id", "category_name", "bbox": [x, y, w, h] (original pixels), "score"}
+
+plus, for Mask R-CNN, ``"segmentation"``: the detection's mask.
+
+Segmenters (U-Net: one entry per image and class present; ``<stem>.jpg`` with the label map blended in and a
+legend, ``<stem>_labels.png`` with class indices 0..K-1, 255 unlabeled)::
+
+    {"image_id", "file_name", "category_id", "category_name", "segmentation": the class's pixels, "area": their
+     count, "segmentation_file": "<stem>_labels.png"}
+
+An image where no class is present (every pixel unlabeled) has no entry but still its ``_labels.png``; the
+summary's ``per_class`` then counts images, not detections.
 """
 
 from __future__ import annotations
@@ -19,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from detkit.errors import DataError
+from detkit.evaluation.predictions import encode_masks, predictions_to_results
 from detkit.inference.draw import draw_detections, draw_semantic
 from detkit.inference.predictor import Predictor, to_rgb_array
 
@@ -33,7 +50,7 @@ def predict_files(predictor: Predictor, files: list[Path], out: str | Path, draw
     per_class: Counter[str] = Counter()
     skipped: list[str] = []
     written: set[str] = set()
-    start, done = time.perf_counter(), 0
+    start, done, detections = time.perf_counter(), 0, 0
     bs = predictor.batch_size
     for i in range(0, len(files), bs):
         chunk, images = [], []
@@ -57,15 +74,13 @@ def predict_files(predictor: Predictor, files: list[Path], out: str | Path, draw
                 semantic = pred["semantic"].numpy().astype(np.uint8)
                 Image.fromarray(semantic).save(out / f"{name}_labels.png")
                 per_class.update(pred["names"])  # images in which each class covers some pixels
-                results.append({"image_id": done, "file_name": str(f), "segmentation_file": f"{name}_labels.png",
-                                "classes": pred["names"]})
+                results += semantic_results(predictor, semantic, done, str(f), f"{name}_labels.png")
                 if draw:
                     draw_semantic(image, semantic, predictor.classes).save(out / f"{name}.jpg", quality=92)
                 continue
-            for box, score, label in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist()):
-                per_class[predictor.classes[label - 1]] += 1
-                results.append({"image_id": done, "file_name": str(f), "category_id": predictor.category_id(label),
-                                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": score})
+            per_class.update(pred["names"])
+            detections += len(pred["labels"])
+            results += detection_results(predictor, pred, done, str(f))
             if draw:
                 masks = pred["masks"].numpy() if "masks" in pred else None
                 im = draw_detections(image, pred["boxes"].numpy(), pred["labels"].tolist(), predictor.classes,
@@ -73,7 +88,48 @@ def predict_files(predictor: Predictor, files: list[Path], out: str | Path, draw
                 im.save(out / f"{name}.jpg", quality=92)
     elapsed = time.perf_counter() - start
     (out / "predictions.json").write_text(json.dumps(results))
-    semantic = predictor.task == "semantic"
-    return {"task": predictor.task, "images": done, "skipped": len(skipped),
-            "detections": 0 if semantic else len(results), "per_class": dict(per_class),
-            "images_per_s": done / elapsed if elapsed > 0 else 0.0, "out": str(out)}
+    return {"task": predictor.task, "images": done, "skipped": len(skipped), "skipped_files": skipped,
+            "detections": detections, "per_class": dict(per_class), "classes": predictor.keep_classes,
+            "images_per_s": done / elapsed if elapsed > 0 else 0.0, "seconds": elapsed, "out": str(out)}
+
+
+def detection_results(predictor: Predictor, pred: dict[str, Any], image_id: int, file_name: str
+                      ) -> list[dict[str, Any]]:
+    """One image's detections as COCO results (with ``segmentation`` RLEs where the model predicts masks)."""
+    results = predictions_to_results(pred, image_id)
+    for r, name in zip(results, pred["names"]):
+        label = r["category_id"]
+        r.update(file_name=file_name, category_id=predictor.category_id(label), category_name=name)
+    return [{k: r[k] for k in ("image_id", "file_name", "category_id", "category_name", "bbox", "score",
+                               "segmentation") if k in r} for r in results]
+
+
+def semantic_results(predictor: Predictor, semantic: np.ndarray, image_id: int, file_name: str,
+                     segmentation_file: str) -> list[dict[str, Any]]:
+    """One label map (class indices, 255 unlabeled) as one COCO result per class present."""
+    values, counts = np.unique(semantic, return_counts=True)
+    present = [(int(v), int(n)) for v, n in zip(values, counts) if v < len(predictor.classes)]
+    if not present:
+        return []
+    rles = encode_masks(np.stack([semantic == v for v, _ in present]))
+    return [{"image_id": image_id, "file_name": file_name, "category_id": predictor.category_id(v),
+             "category_name": predictor.classes[v], "segmentation": rle, "area": n,
+             "segmentation_file": segmentation_file} for (v, n), rle in zip(present, rles)]
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as printed by ``detkit predict`` and ``tools/infer.py``."""
+    semantic = summary["task"] == "semantic"
+    found = "label maps" if semantic else f"{summary['detections']} detections"
+    lines = [f"{summary['images']} images ({summary['skipped']} skipped), {found}, "
+             f"{summary['images_per_s']:.1f} images/s"]
+    if summary.get("classes"):
+        lines.append(f"classes kept: {', '.join(summary['classes'])}")
+    counts = dict(summary["per_class"])
+    for name in summary.get("classes") or []:
+        counts.setdefault(name, 0)
+    if counts:
+        lines.append("images per class:" if semantic else "detections per class:")
+        lines += [f"  {name:20s} {n}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    lines.append(f"drawn images and predictions.json in {summary['out']}")
+    return "\n".join(lines)
