@@ -32,8 +32,9 @@ Latency (``--latency``): batch 1, ``--threads`` torch threads, median of ``--rep
 ``--warmup``, the two models interleaved in one process (the ultralytics venv, which has detkit too), on one
 val image resized to S x S (no decoding, no letterbox on either side). Timed: Ultralytics = ``x / 255`` +
 ``DetectionModel`` forward (eval) + ``ultralytics.utils.nms.non_max_suppression``; detkit = normalisation +
-``Detector`` forward (eval), which includes decode + NMS. Both at the same score threshold / NMS IoU / max
-detections (``--conf``, ``--iou``, 300). Ultralytics is timed unfused and with Conv+BN fused (what its
+``Detector`` forward (eval), which includes decode + NMS, as built and as the Predictor runs it
+(``detkit_fast``: BatchNorm folded into the convolutions, channels_last). Both at the same score threshold /
+NMS IoU / max detections (``--conf``, ``--iou``, 300). Ultralytics is timed unfused and with Conv+BN fused (what its
 predictor does). Weights: the accuracy run's final weights when they exist under ``--work``, else random
 init. Params and multiply-adds of both come from detkit's counter (``detkit.analysis.complexity``).
 """
@@ -272,19 +273,22 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
             "detkit_overrides": [f"data.image_size={args.image_size}", *args.detkit_override],
             "detkit_checkpoint": ckpt}
     res = run_worker(args, spec, "latency")
-    u, uf, d = res["ultralytics"], res["ultralytics_fused"], res["detkit"]
+    u, uf, d, df = res["ultralytics"], res["ultralytics_fused"], res["detkit"], res["detkit_fast"]
     rows = [["ultralytics yolov8n", u["ms"], u["dets"], u["params"], u["macs"], res["ultra_weights"]],
             ["ultralytics yolov8n (fused)", uf["ms"], uf["dets"], uf["params"], uf["macs"], res["ultra_weights"]],
-            ["detkit", d["ms"], d["dets"], d["params"], d["macs"], res["detkit_weights"]]]
+            ["detkit", d["ms"], d["dets"], d["params"], d["macs"], res["detkit_weights"]],
+            ["detkit (fast: BN folded, channels_last)", df["ms"], df["dets"], df["params"], df["macs"],
+             res["detkit_weights"]]]
     print_table(["model", "median ms", "dets", "params M", "GMACs", "weights"],
                 [[r[0], f"{r[1]:.2f}", r[2], f"{r[3] / 1e6:.2f}", f"{r[4] / 1e9:.3f}", r[5]] for r in rows],
                 f"{args.task}: batch 1 at {args.image_size}x{args.image_size}, {args.threads} threads, median of "
                 f"{args.repeats} (interleaved) after {args.warmup} warm-up, forward + NMS")
     print(f"ratio detkit / ultralytics: {d['ms'] / u['ms']:.2f} (unfused), {d['ms'] / uf['ms']:.2f} (fused); "
-          f"paired medians {res['paired_ratio']:.2f} / {res['paired_ratio_fused']:.2f}")
+          f"paired medians {res['paired_ratio']:.2f} / {res['paired_ratio_fused']:.2f}; detkit fast / ultralytics "
+          f"fused: {df['ms'] / uf['ms']:.2f} (paired {res['paired_ratio_fast_fused']:.2f})")
     return {"task": args.task, "image_size": args.image_size, "threads": args.threads,
             "loadavg": os.getloadavg(), **res,
-            "ratio": d["ms"] / u["ms"], "ratio_fused": d["ms"] / uf["ms"]}
+            "ratio": d["ms"] / u["ms"], "ratio_fused": d["ms"] / uf["ms"], "ratio_fast_fused": df["ms"] / uf["ms"]}
 
 
 def print_table(header: list[str], rows: list[list[Any]], title: str) -> None:
@@ -383,6 +387,7 @@ def worker_latency(spec: dict[str, Any]) -> dict[str, Any]:
 
     from detkit import build_model, load_config
     from detkit.analysis.complexity import count_complexity
+    from detkit.inference.optimize import optimize_for_inference
 
     size = spec["size"]
     image = np.asarray(Image.open(spec["image"]).convert("RGB").resize((size, size), Image.BILINEAR))
@@ -421,13 +426,20 @@ def worker_latency(spec: dict[str, Any]) -> dict[str, Any]:
             return non_max_suppression(out, spec["conf"], spec["iou"], max_det=spec["max_det"])
         return fn
 
+    fast = copy.deepcopy(ours)
+    optimize_for_inference(fast)  # what detkit's Predictor runs: BatchNorm folded, channels_last
+
     def run_ours():
         return ours((x / 255 - mean) / std)
 
-    fns = {"ultralytics": run_ultra(ultra), "ultralytics_fused": run_ultra(fused), "detkit": run_ours}
+    def run_fast():
+        return fast(((x / 255 - mean) / std).contiguous(memory_format=torch.channels_last))
+
+    fns = {"ultralytics": run_ultra(ultra), "ultralytics_fused": run_ultra(fused), "detkit": run_ours,
+           "detkit_fast": run_fast}
     with torch.inference_mode():
         dets = {"ultralytics": len(fns["ultralytics"]()[0]), "ultralytics_fused": len(fns["ultralytics_fused"]()[0]),
-                "detkit": len(fns["detkit"]()[0]["boxes"])}
+                "detkit": len(fns["detkit"]()[0]["boxes"]), "detkit_fast": len(fns["detkit_fast"]()[0]["boxes"])}
         for _ in range(spec["warmup"]):
             for fn in fns.values():
                 fn()
@@ -439,7 +451,7 @@ def worker_latency(spec: dict[str, Any]) -> dict[str, Any]:
                 fns[name]()
                 times[name].append(time.perf_counter() - t)
     comp = {"ultralytics": count_complexity(ultra, size), "ultralytics_fused": count_complexity(fused, size),
-            "detkit": count_complexity(ours, size)}
+            "detkit": count_complexity(ours, size), "detkit_fast": count_complexity(ours, size)}
     out: dict[str, Any] = {"ultra_weights": spec["ultra_weights"] or "random init",
                            "detkit_weights": spec["detkit_checkpoint"] or "random init", "torch_threads":
                            torch.get_num_threads()}
@@ -448,6 +460,8 @@ def worker_latency(spec: dict[str, Any]) -> dict[str, Any]:
                      "macs": comp[name].flops, "times_ms": [t * 1e3 for t in times[name]]}
     out["paired_ratio"] = statistics.median(a / b for a, b in zip(times["detkit"], times["ultralytics"]))
     out["paired_ratio_fused"] = statistics.median(a / b for a, b in zip(times["detkit"], times["ultralytics_fused"]))
+    out["paired_ratio_fast_fused"] = statistics.median(
+        a / b for a, b in zip(times["detkit_fast"], times["ultralytics_fused"]))
     return out
 
 
