@@ -124,10 +124,28 @@ def test_compile_is_optional_and_keeps_detections():
     module = make_module("yolo")
     image = torch.randint(0, 255, (3, 80, 96), dtype=torch.uint8)
     plain = Predictor(copy.deepcopy(module), fast=False)(image)
-    report = optimize_for_inference(module.model, compile="default", channels_last=False)
+    report = optimize_for_inference(module.model, compile=True, channels_last=False)
     assert report.compiled and type(module.model.backbone).__name__ == "OptimizedModule"
     torch._dynamo.config.suppress_errors = False
     compiled = Predictor(module, fast=False)(image)
     flat = {k: compiled[k].numpy() for k in ("boxes", "scores", "labels")} | {
         "batch_index": np.zeros(len(compiled["boxes"]))}
     assert_same_detections([plain], flat, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("head", ["yolo", "ssd", "faster_rcnn", "mask_rcnn", "unet"])
+def test_fast_predictor_on_cuda_matches_the_cpu(head):
+    from detkit.inference import Predictor
+
+    module = make_module(head)
+    files = sorted((FIXTURES / "raccoon_mini" / "images").glob("*.jpg"))
+    cpu = Predictor(copy.deepcopy(module), batch_size=2, fast=False)(files)
+    cuda = Predictor(module, device="cuda", batch_size=2)(files)
+    for e, g in zip(cpu, cuda, strict=True):
+        assert all(v.device.type == "cpu" for v in g.values() if isinstance(v, torch.Tensor))
+        if head == "unet":
+            assert (g["semantic"] == e["semantic"]).float().mean() > 0.99
+            continue
+        flat = {k: g[k].numpy() for k in ("boxes", "scores", "labels")} | {"batch_index": np.zeros(len(g["boxes"]))}
+        assert_same_detections([e], flat, atol=1e-2)  # cuDNN may use TF32: looser than on the CPU

@@ -119,9 +119,10 @@ def fold_batch_norms(model: nn.Module) -> OptimizeReport:
 
 def optimize_for_inference(model: nn.Module, fold_bn: bool = True, channels_last: bool = True,
                            compile: bool | str = False) -> OptimizeReport:
-    """Put ``model`` in eval mode and apply the optimisations in place (``compile``: False, True or a
-    ``torch.compile`` mode such as ``"reduce-overhead"``; it compiles ``model.backbone`` and ``model.neck``, the
-    parts with fixed-shape tensor code, and only on first call)."""
+    """Put ``model`` in eval mode and apply the optimisations in place. ``compile``: False, True (inductor with
+    weight freezing) or a ``torch.compile`` mode such as ``"max-autotune"``; it compiles ``model.backbone`` and
+    ``model.neck`` (the dense part; heads with data-dependent shapes stay eager) on their first call, and again
+    for each new input shape."""
     model.eval()
     report = fold_batch_norms(model) if fold_bn else OptimizeReport()
     if channels_last:
@@ -129,10 +130,13 @@ def optimize_for_inference(model: nn.Module, fold_bn: bool = True, channels_last
         report.channels_last = True
     if compile:
         mode = compile if isinstance(compile, str) else None
+        # freezing: weights become constants that inductor pre-packs for oneDNN (the CPU win); the copy a
+        # Predictor owns is never trained again
+        options = {"freezing": True} if mode is None else None
         for part in ("backbone", "neck"):
             module = getattr(model, part, None)
             if module is not None:
-                setattr(model, part, torch.compile(module, mode=mode, dynamic=True))
+                setattr(model, part, torch.compile(module, mode=mode, options=options))
         report.compiled = True
     model.optimize_report = report
     log.info("inference optimisations: %s", report)
