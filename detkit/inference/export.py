@@ -114,7 +114,7 @@ def export_model(module, fmt: str, out: str | Path, *, dynamic_batch: bool = Fal
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python values baked into the graph (sizes)
         if fmt == "onnx":
-            _to_onnx(wrapper, example, out, dynamic_batch, opset)
+            to_onnx(wrapper, example, out, dynamic_batch, opset)
         else:
             with torch.no_grad():
                 traced = torch.jit.trace(wrapper, (example,), check_trace=False)
@@ -135,7 +135,9 @@ def _input_size(size: int, divisor: int) -> int:
     return -(-size // divisor) * divisor
 
 
-def _to_onnx(wrapper: ExportModel, example: Tensor, out: Path, dynamic_batch: bool, opset: int) -> None:
+def to_onnx(wrapper: ExportModel, example: Tensor, out: str | Path, dynamic_batch: bool, opset: int = 17) -> None:
+    """``torch.onnx.export`` of an :class:`ExportModel` (input ``images``, its outputs; detections' first axis
+    dynamic, the batch too with ``dynamic_batch``)."""
     try:
         import onnx  # noqa: F401  (the exporter needs it)
     except ImportError:
