@@ -69,11 +69,6 @@ class Budget:
             return ma <= 6.5 * math.sqrt(gf) and mp <= 3.0 + 5.5 * gf
         return True
 
-    @property
-    def bounded(self) -> bool:
-        return self.paper_constraints or any(v is not None for r in (self.flops, self.params, self.activations)
-                                             for v in r)
-
 
 @dataclass
 class Sample:

@@ -56,7 +56,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> None:
         scale = gamma * torch.rsqrt(var + bn.eps)
         weight = conv.weight.float() * scale.view(-1, 1, 1, 1)
         bias = conv.bias.float() if conv.bias is not None else torch.zeros_like(mean)
-        conv.weight = nn.Parameter((weight).to(conv.weight.dtype), requires_grad=False)
+        conv.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
         conv.bias = nn.Parameter(((bias - mean) * scale + beta).to(conv.weight.dtype), requires_grad=False)
 
 
@@ -98,7 +98,7 @@ def _foldable_pairs(parent: nn.Module) -> list[tuple[str, str]]:
         if not isinstance(src, fx.Node) or src.op != "call_module" or len(calls.get(str(src.target), [])) != 1:
             continue
         conv = children.get(str(src.target))
-        if type(conv) is nn.Conv2d or (isinstance(conv, nn.Conv2d) and not isinstance(conv, nn.ConvTranspose2d)):
+        if isinstance(conv, nn.Conv2d):  # (transposed convs are another class, with weights laid out otherwise)
             if len(src.users) == 1 and conv.out_channels == module.running_var.numel():
                 pairs.append((str(src.target), name))
     return pairs
