@@ -142,9 +142,43 @@ def _design_point_network(cfg, num_classes: int) -> nn.Module:
                         num_classes)
 
 
+def anynet_stages(depths, widths, group_widths, bottleneck_ratios, se_ratio: float = 0.0) -> RegNetStages:
+    """Explicit stages (``model.backbone.anynet``), checked: one value per stage, all positive, and each stage's
+    inner width ``width * bottleneck_ratio`` a whole multiple of its group width."""
+    key = "model.backbone.anynet"
+    lists = {"depths": list(depths), "widths": list(widths), "group_widths": list(group_widths),
+             "bottleneck_ratios": list(bottleneck_ratios)}
+    n = len(lists["depths"])
+    if n == 0 or any(len(v) != n for v in lists.values()):
+        sizes = ", ".join(f"{k}: {len(v)}" for k, v in lists.items())
+        raise ConfigError(f"{key}: depths, widths, group_widths and bottleneck_ratios need one value per stage "
+                          f"(got {sizes})")
+    for k, values in lists.items():
+        if any(not v > 0 for v in values):
+            raise ConfigError(f"{key}.{k} = {values}: every value must be > 0")
+    if se_ratio < 0:
+        raise ConfigError(f"{key}.se_ratio = {se_ratio}: must be >= 0")
+    for i, (w, g, b) in enumerate(zip(lists["widths"], lists["group_widths"], lists["bottleneck_ratios"])):
+        inner = w * b
+        if inner != int(inner) or int(inner) % int(g):
+            raise ConfigError(f"{key}: stage {i + 1}: inner width {w} * {b} = {inner:g} is not a multiple of its "
+                              f"group width {g}")
+    return RegNetStages([int(v) for v in lists["depths"]], [int(v) for v in lists["widths"]],
+                        [int(v) for v in lists["group_widths"]], [float(v) for v in lists["bottleneck_ratios"]],
+                        float(se_ratio))
+
+
+def _anynet_network(cfg, num_classes: int) -> nn.Module:
+    p = cfg.anynet
+    return build_regnet(anynet_stages(p.depths, p.widths, p.group_widths, p.bottleneck_ratios, p.se_ratio),
+                        num_classes)
+
+
 for _name in PRESETS:
     register(BackboneSpec(name=_name, family="regnet", network=_preset_network(_name), plan=regnet_plan,
                           head=REGNET_HEAD, torchvision_weights=_name))
 
 register(BackboneSpec(name="regnet", family="regnet", network=_design_point_network, plan=regnet_plan,
+                      head=REGNET_HEAD, preset=False))
+register(BackboneSpec(name="anynet", family="regnet", network=_anynet_network, plan=regnet_plan,
                       head=REGNET_HEAD, preset=False))

@@ -38,6 +38,18 @@ class RegNetParams:
 
 
 @dataclass
+class AnyNetParams:
+    """Any 4-stage (or n-stage) X-block network, stage by stage (used when ``model.backbone.name: anynet``): the
+    form every sample of a design space takes (``detkit design-space``). Defaults: RegNetX-400MF's stages."""
+
+    depths: list[int] = field(default_factory=lambda: [1, 2, 7, 12])
+    widths: list[int] = field(default_factory=lambda: [32, 64, 160, 400])
+    group_widths: list[int] = field(default_factory=lambda: [16, 16, 16, 16])
+    bottleneck_ratios: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])  # inner width / width
+    se_ratio: float = 0.0
+
+
+@dataclass
 class EfficientNetParams:
     """Compound scaling (used when ``model.backbone.name: efficientnet``): depth alpha^phi, width beta^phi,
     resolution gamma^phi times 224."""
@@ -56,6 +68,7 @@ class BackboneConfig:
     frozen_stages: int = 0
     norm: str = choice("bn", "bn", "frozen_bn", "sync_bn")
     regnet: RegNetParams = field(default_factory=RegNetParams)
+    anynet: AnyNetParams = field(default_factory=AnyNetParams)
     efficientnet: EfficientNetParams = field(default_factory=EfficientNetParams)
     kwargs: dict[str, Any] = field(default_factory=dict)
 

@@ -1,0 +1,192 @@
+"""``detkit design-space``: the RegNet paper's population method on a detection or segmentation task.
+
+For each design space (:data:`detkit.analysis.design_space.SPACES`), ``n`` networks are drawn under a complexity
+budget (reproducibly from ``seed``), and each is trained on the task from scratch as an ``anynet`` backbone (its
+exact stages) with the task's schedule: a :mod:`study <detkit.analysis.study>`, so it resumes and one failing
+sample is recorded without stopping the others. Error = 1 - the task's main metric.
+
+Layout of ``OUT``::
+
+    OUT/<space>/settings.json      the space's settings (a larger n later extends the same study)
+    OUT/<space>/samples.json       the drawn networks (params, stages, ImageNet complexity at 224)
+    OUT/<space>/trials/sNNN/       one run directory per sample, with result.json
+    OUT/<space>/results.{csv,md}   every sample: its parameters, complexity, e_fit, error
+    OUT/<space>/scatter.png        error vs each parameter
+    OUT/summary.{csv,md}, OUT/edf.png   every space in OUT: error EDFs side by side with bootstrap bands
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detkit.analysis.design_space import SPACES, Budget, Sample, bootstrap_edf, fit_quantized_linear, sample_space
+from detkit.analysis.study import Trial, check_settings, human, measure_model, run_trials, write_json, write_table
+from detkit.backbones.regnet import RegNetStages
+from detkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+ANYNET_COLUMNS = [f"{p}{i}" for p in "dwbg" for i in range(1, 5)]
+REGNET_COLUMNS = ["depth", "w0", "wa", "wm", "bottleneck", "group_width"]
+LOG_X = {"w1", "w2", "w3", "w4", "w0", "wa", "imagenet_flops", "imagenet_params"}
+
+
+def sample_overrides(sample: Sample) -> list[str]:
+    """The task overrides that make the sample the backbone: ``anynet`` with its exact stages, from scratch."""
+    st = sample.stages
+    return ["model.backbone.name=anynet", f"model.backbone.anynet.depths={st.depths}",
+            f"model.backbone.anynet.widths={st.widths}", f"model.backbone.anynet.group_widths={st.group_widths}",
+            f"model.backbone.anynet.bottleneck_ratios={st.bottleneck_ratios}",
+            f"model.backbone.anynet.se_ratio={st.se_ratio}", "model.backbone.pretrained=null"]
+
+
+def flat_params(sample: Sample) -> dict[str, Any]:
+    """The sample's own parameters as report columns (AnyNet: d1..d4, w1..w4, b1..b4, g1..g4)."""
+    p = sample.params
+    if "depths" in p:
+        keys = {"d": "depths", "w": "widths", "b": "bottlenecks", "g": "group_widths"}
+        return {f"{k}{i + 1}": p[name][i] for k, name in keys.items() for i in range(len(p[name]))}
+    return dict(p)
+
+
+def load_samples(out: Path, space: str, n: int, seed: int, budget: Budget) -> list[Sample]:
+    """``n`` samples: the ones in ``samples.json`` first (so a resumed study trains the same networks), drawn only
+    when more are needed (the draw is reproducible, so the first ones repeat)."""
+    path = out / "samples.json"
+    saved = []
+    if path.is_file():
+        saved = [Sample(d["space"], d["params"], RegNetStages(**d["stages"]), d["complexity"])
+                 for d in json.loads(path.read_text())]
+    if len(saved) >= n:
+        return saved[:n]
+    log.info("%s: drawing %d samples (seed %d)", space, n, seed)
+    drawn = sample_space(space, n, seed=seed, budget=budget)
+    if any(a.params != b.params for a, b in zip(saved, drawn)):
+        log.warning("%s: the samples drawn differ from %s; keeping the %d saved ones", space, path, len(saved))
+    samples = saved + drawn[len(saved):]
+    write_json([s.as_dict() for s in samples], path)
+    return samples
+
+
+def sample_info(space: str, index: int, sample: Sample) -> dict[str, Any]:
+    c = sample.complexity
+    return {"space": space, "sample": index, **flat_params(sample),
+            "imagenet_flops": c.get("flops"), "imagenet_params": c.get("params"),
+            "imagenet_activations": c.get("activations"),
+            "e_fit": round(fit_quantized_linear(sample.block_widths())[0], 5)}
+
+
+def run_design_space(spaces: Sequence[str], n: int, task: str | Path, *, out: str | Path,
+                     overrides: Sequence[str] = (), budget: Budget | None = None, seed: int = 0,
+                     retry_failed: bool = False) -> list[dict[str, Any]]:
+    """Sample, train and report (see the module docstring); returns the summary rows (one per space in ``out``)."""
+    out = Path(out)
+    budget = budget or Budget()
+    unknown = [s for s in spaces if s not in SPACES]
+    if unknown or not spaces:
+        raise ConfigError(f"design space {', '.join(map(repr, unknown)) or '(none)'}: expected one or more of "
+                          f"{', '.join(SPACES)}")
+    if n < 1:
+        raise ConfigError(f"--n {n}: need at least one sample")
+    from detkit.config import load_config
+
+    load_config(task, list(overrides))  # a bad task or override is one line now, not a failure per sample
+    for space in spaces:
+        sdir = out / space
+        check_settings(sdir, {"space": space, "n": n, "seed": seed, "budget": asdict(budget), "task": str(task),
+                              "overrides": list(overrides)}, grow=("n",))
+        samples = load_samples(sdir, space, n, seed, budget)
+        trials = [Trial(f"trials/s{i:03d}", sample_overrides(s), sample_info(space, i, s))
+                  for i, s in enumerate(samples)]
+        run_trials(task, overrides, trials, sdir, retry_failed=retry_failed,
+                   measure=lambda run_dir, cfg: measure_model(run_dir, cfg, latency=False))
+    return write_report(out)
+
+
+def space_results(sdir: Path) -> list[dict[str, Any]]:
+    records = []
+    for path in sorted(sdir.glob("trials/*/result.json")):
+        r = json.loads(path.read_text())
+        r["error"] = round(1.0 - r["value"], 5) if r.get("status") == "done" else None
+        records.append(r)
+    return records
+
+
+def write_report(out: Path, n_boot: int = 1000, level: float = 0.95) -> list[dict[str, Any]]:
+    """Per-space results and scatter plots, and the summary and EDF plot of every space found in ``out``."""
+    from detkit.analysis.study_plots import plot_edfs, plot_scatter
+
+    summary, curves = [], {}
+    for sdir in sorted(p.parent for p in out.glob("*/settings.json")):
+        space = sdir.name
+        records = space_results(sdir)
+        params = ANYNET_COLUMNS if space.startswith("anynet") else REGNET_COLUMNS
+        columns = ["sample", "status", "error", *params, "imagenet_flops", "imagenet_params",
+                   "imagenet_activations", "backbone_flops", "e_fit", "train_s", "failure"]
+        fmt = {c: human for c in ("imagenet_flops", "imagenet_params", "imagenet_activations", "backbone_flops")}
+        write_table(records, columns, sdir / "results", fmt)
+        done = [r for r in records if r["error"] is not None]
+        row: dict[str, Any] = {"space": space, "samples": len(records), "done": len(done),
+                               "failed": len(records) - len(done)}
+        if done:
+            errors = np.array([r["error"] for r in done])
+            best = done[int(np.argmin(errors))]
+            row.update(min_error=round(float(errors.min()), 4), median_error=round(float(np.median(errors)), 4),
+                       mean_error=round(float(errors.mean()), 4), best_sample=best["trial"],
+                       median_e_fit=round(float(np.median([r["e_fit"] for r in done])), 4),
+                       median_imagenet_flops=float(np.median([r["imagenet_flops"] for r in done])))
+            plot_scatter(done, [*params, "imagenet_flops", "e_fit"], f"{space}: error vs parameters "
+                         f"({len(done)} samples)", sdir / "scatter.png", log_x=LOG_X)
+            grid = np.linspace(0.0, 1.0, 501)
+            grid = np.union1d(grid, errors)
+            F, lo, hi = bootstrap_edf(errors, grid, n_boot=n_boot, level=level)
+            curves[space] = {"grid": grid, "F": F, "lo": lo, "hi": hi, "errors": errors}
+        summary.append(row)
+    if not summary:
+        raise ConfigError(f"{out}: no design-space study here (no <space>/settings.json)")
+    columns = ["space", "samples", "done", "failed", "min_error", "median_error", "mean_error", "best_sample",
+               "median_e_fit", "median_imagenet_flops"]
+    write_table(summary, columns, out / "summary", {"median_imagenet_flops": human})
+    if curves:
+        plot_edfs(curves, out / "edf.png", level=level)
+    return summary
+
+
+def format_summary(rows: Sequence[dict[str, Any]], out: Path) -> str:
+    lines = [f"design-space study: {out / 'summary.md'}, {out / 'edf.png'} (per space: results.md, scatter.png)"]
+    for r in rows:
+        if r.get("min_error") is None:
+            lines.append(f"  {r['space']:<13} {r['done']}/{r['samples']} done")
+            continue
+        lines.append(f"  {r['space']:<13} {r['done']}/{r['samples']} done, error min {r['min_error']:.4f} median "
+                     f"{r['median_error']:.4f} mean {r['mean_error']:.4f}; median e_fit {r['median_e_fit']:.4f}; "
+                     f"best {r['best_sample']}")
+    return "\n".join(lines)
+
+
+def parse_widths(text: str) -> list[int]:
+    """Per-block widths for ``--fit``: a RegNet preset name, ``DxW,...`` stages (e.g. ``1x32,2x64,7x160,12x400``)
+    or one width per block (``32,64,64,...``)."""
+    from detkit.backbones.regnet import PRESETS, preset_stages
+
+    text = text.strip()
+    if text in PRESETS:
+        st = preset_stages(text)
+        return [w for w, d in zip(st.widths, st.depths) for _ in range(d)]
+    widths: list[int] = []
+    try:
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            d, sep, w = part.partition("x")
+            widths += [int(w)] * int(d) if sep else [int(d)]
+    except ValueError:
+        raise ConfigError(f"--fit {text!r}: expected a RegNet preset name ({', '.join(list(PRESETS)[:2])}, ...), "
+                          f"stages DEPTHxWIDTH,... or widths W,W,...") from None
+    if not widths or min(widths) <= 0:
+        raise ConfigError(f"--fit {text!r}: widths must be positive integers")
+    return widths

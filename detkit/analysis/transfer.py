@@ -1,0 +1,192 @@
+"""``detkit transfer``: how backbones transfer to one task. The same task config is trained once per backbone,
+pretrained setting and seed with an identical schedule (a :mod:`study <detkit.analysis.study>`), and the results
+become one report: ``report.csv`` / ``report.md`` (per backbone and pretrained setting: complexity of the backbone
+and of the whole model, training time, inference latency, the main metric as mean +- std over seeds),
+``trials.csv`` (every run) and ``metric_vs_{flops,latency,params}.png``.
+
+Backbones are registry names (``resnet18``, ``regnet_x_400mf``, ...), ``timm:<model>``, or ``efficientnet@phi=P``:
+EfficientNet compound-scaled by ``phi`` (depth alpha^phi, width beta^phi) with the task's input resolution scaled
+by gamma^phi (to a multiple of 32), so phi = 0, 0.5, 1 ... can be compared on the task.
+
+Pretrained settings (``--pretrained``, comma-separated): ``none`` (from scratch), a weights name or file for every
+backbone, or ``BACKBONE=WEIGHTS`` for one backbone only. Each backbone runs with every setting that applies to it;
+without ``--pretrained`` every backbone trains from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detkit.analysis.study import Trial, check_settings, human, mean_std, measure_model, run_trials, write_table
+from detkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+SCRATCH = ("none", "null", "scratch")
+PHI = re.compile(r"^efficientnet@phi=(-?[0-9.]+)$")
+
+
+@dataclass(frozen=True)
+class Variant:
+    backbone: str  # as given on the command line
+    pretrained: str | None
+    overrides: tuple[str, ...]
+    image_size: int
+
+    @property
+    def pretrained_label(self) -> str:
+        if self.pretrained is None:
+            return "scratch"
+        return Path(self.pretrained).name if "/" in self.pretrained else self.pretrained
+
+
+def split_list(text: str | Sequence[str] | None) -> list[str]:
+    if text is None:
+        return []
+    items = text.split(",") if isinstance(text, str) else list(text)
+    return [s.strip() for s in items if s.strip()]
+
+
+def backbone_overrides(entry: str, image_size: int, gamma: float) -> tuple[list[str], int]:
+    """Config overrides for one ``--backbones`` entry and the input resolution it trains at."""
+    from detkit.backbones.efficientnet import compound_scaling
+
+    m = PHI.match(entry)
+    if m:
+        phi = float(m.group(1))
+        resolution = compound_scaling(phi, gamma=gamma, base_resolution=image_size)[2]
+        return ["model.backbone.name=efficientnet", f"model.backbone.efficientnet.phi={phi}",
+                f"data.image_size={resolution}"], resolution
+    if "@" in entry:
+        raise ConfigError(f"--backbones {entry!r}: the only '@' form is efficientnet@phi=<number>")
+    return [f"model.backbone.name={entry}"], image_size
+
+
+def variants(task: str | Path, overrides: Sequence[str], backbones: Sequence[str],
+             pretrained: Sequence[str] = ()) -> list[Variant]:
+    """Every (backbone, pretrained) pair to train, checked before anything runs."""
+    from detkit.backbones import build_backbone
+    from detkit.config import load_config
+
+    if not backbones:
+        raise ConfigError("--backbones: name at least one backbone (e.g. resnet18,mobilenet_v3_large)")
+    cfg = load_config(task, list(overrides))
+    generic: list[str | None] = []
+    specific: dict[str, list[str]] = {}
+    for item in pretrained:
+        name, sep, weights = item.partition("=")
+        if sep and name in backbones:
+            specific.setdefault(name, []).append(weights)
+        elif sep and "/" not in name:
+            raise ConfigError(f"--pretrained {item!r}: {name!r} is not one of --backbones ({', '.join(backbones)})")
+        else:
+            generic.append(None if item.lower() in SCRATCH else item)
+    out = []
+    for entry in backbones:
+        extra, size = backbone_overrides(entry, int(cfg.data.image_size), float(cfg.model.backbone.efficientnet.gamma))
+        name = extra[0].split("=", 1)[1]
+        if not name.startswith("timm:") and not PHI.match(entry):
+            with torch.device("meta"):
+                build_backbone(name)  # an unknown name is a one-line error now, not a failed trial later
+        settings = generic + [None if w.lower() in SCRATCH else w for w in specific.get(entry, [])]
+        for weights in settings or [None]:
+            value = "null" if weights is None else weights
+            out.append(Variant(entry, weights, (*extra, f"model.backbone.pretrained={value}"), size))
+    labels = [(v.backbone, v.pretrained) for v in out]
+    if len(set(labels)) != len(labels):
+        raise ConfigError("--backbones/--pretrained: a backbone and pretrained setting is listed twice")
+    return out
+
+
+def trial_name(variant: Variant, seed: int) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{variant.backbone}__{variant.pretrained_label}")
+    return f"trials/{safe}__seed{seed}"
+
+
+def run_transfer(task: str | Path, backbones: Sequence[str], *, pretrained: Sequence[str] = (),
+                 seeds: Sequence[int] = (0,), out: str | Path, overrides: Sequence[str] = (),
+                 retry_failed: bool = False, latency: bool = True) -> list[dict[str, Any]]:
+    """Run the study (skipping finished trials) and write the report; returns its rows."""
+    out = Path(out)
+    found = variants(task, overrides, backbones, pretrained)
+    seeds = [int(s) for s in seeds] or [0]
+    check_settings(out, {"task": str(task), "overrides": list(overrides)})
+    trials = [Trial(trial_name(v, s), [*v.overrides, f"seed={s}"],
+                    {"backbone": v.backbone, "pretrained": v.pretrained_label, "seed": s, "image_size": v.image_size})
+              for v in found for s in seeds]
+    results = run_trials(task, overrides, trials, out,
+                         measure=lambda run_dir, cfg: measure_model(run_dir, cfg, latency=latency),
+                         retry_failed=retry_failed)
+    return write_report(results, out)
+
+
+COLUMNS = ["backbone", "pretrained", "input", "runs", "backbone_params", "backbone_flops", "backbone_activations",
+           "model_params", "model_flops", "model_activations", "train_s", "latency_ms", "metric", "mean", "std"]
+
+
+def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (backbone, pretrained): complexity of its first finished run, means over seeds."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["backbone"], r["pretrained"]), []).append(r)
+    rows = []
+    for (backbone, pretrained), runs in groups.items():
+        done = [r for r in runs if r.get("status") == "done"]
+        row: dict[str, Any] = {"backbone": backbone, "pretrained": pretrained, "runs": f"{len(done)}/{len(runs)}",
+                               "seeds": " ".join(str(r["seed"]) for r in done)}
+        if done:
+            first = done[0]
+            row["input"] = "x".join(str(v) for v in first.get("input_size", []))
+            for key in COLUMNS[4:10]:
+                row[key] = first.get(key)
+            row["train_s"] = round(mean_std([r["train_s"] for r in done])[0], 1)
+            if all("latency_ms" in r for r in done):
+                row["latency_ms"] = round(mean_std([r["latency_ms"] for r in done])[0], 2)
+            row["metric"] = first["metric"]
+            row["mean"], row["std"] = (round(v, 4) for v in mean_std([r["value"] for r in done]))
+        failed = [r for r in runs if r.get("status") == "failed"]
+        if failed:
+            row["failed"] = "; ".join(f"seed {r['seed']}: {r['failure']}" for r in failed)
+        rows.append(row)
+    return rows
+
+
+def write_report(results: Sequence[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    from detkit.analysis.study_plots import plot_metric_vs
+
+    rows = aggregate(results)
+    trial_cols = ["trial", "backbone", "pretrained", "seed", "status", "value", "train_s", "latency_ms",
+                  "model_flops", "model_params", "failure"]
+    write_table(results, trial_cols, out / "trials")
+    has_failures = any("failed" in r for r in rows)
+    columns = COLUMNS + ["seeds"] + (["failed"] if has_failures else [])
+    fmt = {c: human for c in COLUMNS[4:10]}
+    fmt.update(mean=lambda v: f"{v:.4f}", std=lambda v: f"{v:.4f}")
+    write_table(rows, columns, out / "report", fmt)
+    plotted = [r for r in rows if r.get("mean") is not None]
+    if plotted:
+        metric = plotted[0]["metric"]
+        for key, label, path in (("model_flops", "model FLOPs (multiply-adds, one image)", "metric_vs_flops.png"),
+                                 ("latency_ms", "latency, batch 1 (ms)", "metric_vs_latency.png"),
+                                 ("model_params", "model parameters", "metric_vs_params.png")):
+            if all(r.get(key) for r in plotted):
+                plot_metric_vs(plotted, key, label, metric, out / path)
+    return rows
+
+
+def format_report(rows: Sequence[dict[str, Any]], out: Path) -> str:
+    lines = [f"transfer report: {out / 'report.md'} (csv, plots and every run beside it)"]
+    for r in rows:
+        score = f"{r['metric']} {r['mean']:.4f} +- {r['std']:.4f}" if r.get("mean") is not None else "no finished run"
+        extra = f", latency {r['latency_ms']} ms" if r.get("latency_ms") is not None else ""
+        lines.append(f"  {r['backbone']:<32} {r['pretrained']:<24} runs {r['runs']}  {score}  "
+                     f"model {human(r.get('model_flops'))} FLOPs{extra}")
+        if r.get("failed"):
+            lines.append(f"      failed: {r['failed']}")
+    return "\n".join(lines)
