@@ -84,6 +84,18 @@ def test_complexity_of_a_preset_is_the_published_one():
     assert abs(c["flops"] / 1e6 - 400) < 20 and abs(c["params"] / 1e6 - 5.5) < 0.2
 
 
+@pytest.mark.parametrize("space", sorted(SPACES))
+def test_complexity_formula_equals_counting_the_built_network(space):
+    from detkit.analysis.complexity import count_built
+    from detkit.backbones.regnet import build_regnet
+
+    stages = [s.stages for s in sample_space(space, 3, seed=11)]
+    stages += [preset_stages(p) for p in ("regnet_x_400mf", "regnet_y_400mf", "regnet_y_1_6gf")]
+    for st in stages:
+        assert complexity_of(st) == count_built(lambda: build_regnet(st), 224).as_dict()
+    assert complexity_of(stages[0], 96) == count_built(lambda: build_regnet(stages[0]), 96).as_dict()
+
+
 def test_edf_on_known_errors():
     x, f = edf([0.3, 0.1, 0.2, 0.2])
     np.testing.assert_allclose(x, [0.1, 0.2, 0.2, 0.3])
