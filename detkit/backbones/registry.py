@@ -153,8 +153,9 @@ def build_classifier(cfg: BackboneConfig | DictConfig | Mapping | str | None = N
 
 def _build_network(spec: BackboneSpec, cfg: DictConfig, num_classes: int) -> nn.Module:
     if cfg.kwargs and spec.family in ("regnet", "efficientnet"):
+        node = spec.name if spec.name in ("anynet", "regnet", "efficientnet") else spec.family
         raise ConfigError(f"model.backbone.kwargs: {spec.name} takes no extra arguments (got {dict(cfg.kwargs)}); "
-                          f"use model.backbone.{spec.family}.*")
+                          f"use model.backbone.{node}.*")
     try:
         return spec.network(cfg, num_classes)
     except TypeError as e:  # an unknown keyword in model.backbone.kwargs
