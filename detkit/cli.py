@@ -10,6 +10,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -371,9 +372,12 @@ def _design_space(args: argparse.Namespace) -> int:
 
 def int_list(text: str) -> list[int]:
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+        values = []
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers >= 0")
+    return values
 
 
 SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
@@ -387,15 +391,28 @@ def budget_range(text: str) -> tuple[float | None, float | None]:
             return None
         unit = part[-1] if part[-1] in "KMG" else ""
         try:
-            return float(part[:-1] if unit else part) * SUFFIX[unit]
+            number = float(part[:-1] if unit else part) * SUFFIX[unit]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected MAX or MIN:MAX, e.g. 400M or 360M:400M") from None
+            number = math.nan
+        if not math.isfinite(number) or number < 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected MAX or MIN:MAX, e.g. 400M or 360M:400M")
+        return number
 
     lo, sep, hi = text.partition(":")
     bounds = (value(lo), value(hi)) if sep else (None, value(lo))
     if bounds[0] is not None and bounds[1] is not None and bounds[0] > bounds[1]:
         raise argparse.ArgumentTypeError(f"{text!r}: the minimum is above the maximum")
     return bounds
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -550,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="activations (conv outputs) at 224, e.g. 5M")
     ds.add_argument("--paper-constraints", action="store_true",
                     help="also activations <= 6.5 sqrt(GF) M and params <= 3.0 + 5.5 GF M (the refined RegNetX)")
-    ds.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    ds.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed (default 0)")
     ds.add_argument("--out", default=None, help="study folder (default runs/design-space/<task name>); run the "
                                                  "same command again to resume, another SPACE to add one")
     ds.add_argument("--retry-failed", action="store_true", help="run failed samples again (default: skip them)")

@@ -72,11 +72,19 @@ def test_budgets_bound_every_sample():
 
 
 def test_an_impossible_budget_and_an_unknown_space_are_one_line_errors():
-    with pytest.raises(ConfigError, match="0 of 1 samples within the budget after 20 tries"):
+    with pytest.raises(ConfigError, match="only 0 of 1 samples within the budget after 20 draws"):
         sample_space("regnetx", 1, budget=Budget(flops=(None, 1.0)), max_tries=20)
     with pytest.raises(ConfigError, match="design space 'resnet'"):
         sample_space("resnet", 1)
     assert set(SPACES) >= {"regnetx", "regnety", "anynetx_a", "anynetx_e"}
+
+
+def test_a_narrow_budget_in_a_strongly_rejecting_space_is_feasible():
+    # AnyNetX_E keeps ~1 draw in 500 for its ordering alone; the draw limit is per sample, not per call
+    samples = sample_space("anynetx_e", 4, seed=0, budget=Budget(flops=(360e6, 400e6)))
+    assert all(360e6 <= s.complexity["flops"] <= 400e6 for s in samples)
+    with pytest.raises(ConfigError, match="seed -1 must be >= 0"):
+        sample_space("regnetx", 1, seed=-1)
 
 
 def test_complexity_of_a_preset_is_the_published_one():

@@ -3,14 +3,18 @@ and report what their runs measured."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
+import signal
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 
 from conftest import ROOT
-from detkit.analysis import design_study
+from detkit.analysis import design_study, study
 from detkit.analysis.design_space import Budget, sample_space
 from detkit.analysis.design_study import parse_widths, run_design_space, sample_overrides
 from detkit.analysis.study import mean_std
@@ -115,41 +119,97 @@ def test_design_space_study_runs_resumes_and_survives_a_failing_sample(shapes_di
     assert rows[0]["done"] == 3 and results(out / "regnetx")["s001"]["status"] == "done"
 
 
-def test_an_interrupted_sample_resumes_from_its_last_checkpoint(shapes_dir, tmp_path):
-    out = tmp_path / "ds"
-    kwargs = dict(out=out, overrides=tiny_task(shapes_dir), budget=Budget(flops=(None, 250e6)))
-    run_design_space(["regnetx"], 1, YOLO_SHAPES, **kwargs)
-    first = results(out / "regnetx")["s000"]
-    (out / "regnetx" / "trials" / "s000" / "result.json").unlink()  # as if killed after training
-    run_design_space(["regnetx"], 1, YOLO_SHAPES, **kwargs)
-    again = results(out / "regnetx")["s000"]
-    assert again["resumed"] is True and first["resumed"] is False
-    assert again["value"] == pytest.approx(first["value"], abs=1e-6)
+class Interrupt(L.Callback):
+    """Ctrl-C at the start of the second epoch (after the first epoch's last.ckpt is written)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 1:
+            raise KeyboardInterrupt
 
 
-def test_a_study_folder_refuses_other_settings_but_grows_with_n(shapes_dir, tmp_path, monkeypatch):
+def test_an_interrupted_sample_resumes_from_its_last_checkpoint(shapes_dir, tmp_path, monkeypatch):
+    calls = []
+    real_train = engine_run.train
+
+    def train(cfg, resume=None, callbacks=None):
+        calls.append(resume)
+        return real_train(cfg, resume=resume, callbacks=[Interrupt()] if len(calls) == 1 else None)
+
+    monkeypatch.setattr(engine_run, "train", train)
+    kwargs = dict(out=tmp_path, overrides=[*tiny_task(shapes_dir), "train.epochs=2"],
+                  budget=Budget(flops=(None, 250e6)))
+    try:
+        with pytest.raises(SystemExit):  # Lightning turns Ctrl-C into SystemExit: the study stops, unrecorded
+            run_design_space(["regnetx"], 1, YOLO_SHAPES, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C
+    trial = tmp_path / "regnetx" / "trials" / "s000"
+    last = trial / "checkpoints" / "last.ckpt"
+    assert not (trial / "result.json").exists()
+    assert torch.load(last, weights_only=False)["global_step"] == 2  # epoch 0 of 2 batches
+    first_attempt = json.loads((trial / "attempts.json").read_text())
+    assert len(first_attempt) == 1
+
+    rows = run_design_space(["regnetx"], 1, YOLO_SHAPES, **kwargs)
+    assert calls == [None, last]
+    r = results(tmp_path / "regnetx")["s000"]
+    assert r["status"] == "done" and r["resumed"] is True and rows[0]["done"] == 1
+    assert torch.load(last, weights_only=False)["global_step"] == 4  # the second epoch, not a restart
+    assert r["train_s"] > first_attempt[0]
+
+
+def test_a_study_folder_refuses_other_settings_but_grows_with_n(shapes_dir, tmp_path, monkeypatch, write_yaml):
     drawn = []
     monkeypatch.setattr(design_study, "run_trials", lambda task, overrides, trials, out, **kw: drawn.append(
         [t.name for t in trials]))
     monkeypatch.setattr(design_study, "write_report", lambda out: [])
-    kwargs = dict(out=tmp_path, overrides=tiny_task(shapes_dir), budget=Budget(flops=(None, 250e6)))
-    run_design_space(["regnetx"], 2, YOLO_SHAPES, **kwargs)
+    task = write_yaml("task.yaml", f"_base_: [{YOLO_SHAPES}]\ntrain: {{lr: 0.002}}\n")
+    kwargs = dict(out=tmp_path / "ds", overrides=tiny_task(shapes_dir))
+    # an impossible budget fails before any settings are recorded, so a looser one is then accepted
+    with pytest.raises(ConfigError, match="only 0 of 2 samples within the budget"):
+        run_design_space(["regnetx"], 2, task, budget=Budget(flops=(None, 1e3)), **kwargs)
+    assert not (tmp_path / "ds" / "regnetx" / "settings.json").exists()
+    budget = Budget(flops=(None, 250e6))
+    run_design_space(["regnetx"], 2, task, budget=budget, **kwargs)
     with pytest.raises(ConfigError, match=r"settings.json: this study was run with seed = 0, not 1"):
-        run_design_space(["regnetx"], 2, YOLO_SHAPES, seed=1, **kwargs)
-    run_design_space(["regnetx"], 4, YOLO_SHAPES, **kwargs)
+        run_design_space(["regnetx"], 2, task, seed=1, budget=budget, **kwargs)
+    task.write_text(f"_base_: [{YOLO_SHAPES}]\ntrain: {{lr: 0.004}}\n")  # the config file was edited
+    with pytest.raises(ConfigError, match=r"this study was run with config_sha1 = "):
+        run_design_space(["regnetx"], 2, task, budget=budget, **kwargs)
+    task.write_text(f"_base_: [{YOLO_SHAPES}]\ntrain: {{lr: 0.002}}\n")
+    run_design_space(["regnetx"], 4, task, budget=budget, **kwargs)
     assert drawn[-1] == [f"trials/s{i:03d}" for i in range(4)]
-    saved = json.loads((tmp_path / "regnetx" / "samples.json").read_text())
-    assert [s["params"] for s in saved] == [s.params for s in sample_space("regnetx", 4, seed=0,
-                                                                             budget=kwargs["budget"])]
+    saved = json.loads((tmp_path / "ds" / "regnetx" / "samples.json").read_text())
+    assert [s["params"] for s in saved] == [s.params for s in sample_space("regnetx", 4, seed=0, budget=budget)]
+
+
+def test_anynet_results_report_the_widths_and_groups_as_built(shapes_dir, tmp_path, monkeypatch):
+    def fake_trials(task, overrides, trials, out, **kw):  # record a result without training
+        for t in trials:
+            study.write_json({"trial": t.name, **t.info, "status": "done", "value": 0.25}, out / t.name / "result.json")
+
+    monkeypatch.setattr(design_study, "run_trials", fake_trials)
+    rows = run_design_space(["anynetx_a"], 3, YOLO_SHAPES, out=tmp_path, overrides=tiny_task(shapes_dir),
+                            budget=Budget(flops=(None, 600e6)))
+    assert rows[0]["done"] == 3 and rows[0]["min_error"] == 0.75
+    samples = design_study.read_samples(tmp_path / "anynetx_a" / "samples.json")
+    with open(tmp_path / "anynetx_a" / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    for row, sample in zip(table, samples):
+        assert [int(row[f"w{i}"]) for i in range(1, 5)] == sample.stages.widths
+        assert [int(row[f"g{i}"]) for i in range(1, 5)] == sample.stages.group_widths
+        assert [int(row[f"b{i}"]) for i in range(1, 5)] == sample.params["bottlenecks"]
 
 
 def test_design_space_input_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(ConfigError, match="design space 'regnetz': expected one or more of anynetx_a"):
         run_design_space(["regnetz"], 2, YOLO_SHAPES, out=tmp_path)
-    with pytest.raises(SystemExit) as e:
-        main(["design-space", "regnetx", "--task", str(YOLO_SHAPES), "--flops-budget", "4x"])
-    assert e.value.code == 2
-    assert "argument --flops-budget: '4x': expected MAX or MIN:MAX" in capsys.readouterr().err
+    for option, value, message in (("--flops-budget", "4x", "argument --flops-budget: '4x': expected MAX or MIN"),
+                                   ("--flops-budget", "nan", "argument --flops-budget: 'nan': expected MAX or MIN"),
+                                   ("--seed", "-1", "argument --seed: -1 is negative")):
+        with pytest.raises(SystemExit) as e:
+            main(["design-space", "regnetx", "--task", str(YOLO_SHAPES), option, value])
+        assert e.value.code == 2 and message in capsys.readouterr().err
     assert main(["design-space", "--n", "2"]) == 2
     assert "give SPACE[,SPACE...] and --task CONFIG" in capsys.readouterr().err
 
@@ -159,7 +219,7 @@ def test_budget_ranges_parse_with_units():
     assert budget_range("360M:400M") == (360e6, 400e6)
     assert budget_range("1.5G:") == (1.5e9, None)
     assert budget_range("2500") == (None, 2500.0)
-    with pytest.raises(Exception, match="minimum is above the maximum"):
+    with pytest.raises(argparse.ArgumentTypeError, match="minimum is above the maximum"):
         budget_range("400M:300M")
 
 
@@ -188,10 +248,25 @@ def test_transfer_variants_scale_phi_resolution_and_pick_weights(shapes_dir):
     assert "model.backbone.pretrained=/w/lite0.pth" in found[3].overrides
     with pytest.raises(ConfigError, match="unknown backbone"):
         variants(YOLO_SHAPES, task, ["resnet81"])
+    with pytest.raises(ConfigError, match="timm:nosuch_model"):
+        variants(YOLO_SHAPES, task, ["timm:nosuch_model"])
     with pytest.raises(ConfigError, match="'mobilenet' is not one of --backbones"):
         variants(YOLO_SHAPES, task, ["resnet18"], ["mobilenet=x.pth"])
     with pytest.raises(ConfigError, match="the only '@' form is efficientnet@phi"):
         variants(YOLO_SHAPES, task, ["resnet18@depth=3"])
+    with pytest.raises(ConfigError, match="'efficientnet@phi=1.2.3': phi must be a number"):
+        variants(YOLO_SHAPES, task, ["efficientnet@phi=1.2.3"])
+    with pytest.raises(ConfigError, match="'efficientnet@phi=-20': phi out of range"):
+        variants(YOLO_SHAPES, task, ["efficientnet@phi=-20"])
+
+
+def test_transfer_refuses_runs_that_would_share_a_folder(shapes_dir, tmp_path):
+    task = tiny_task(shapes_dir)
+    with pytest.raises(ConfigError, match="seeds must be distinct and >= 0"):
+        run_transfer(YOLO_SHAPES, ["resnet18"], seeds=[1, 1], out=tmp_path, overrides=task)
+    with pytest.raises(ConfigError, match="would share the run folder trials/resnet18__w.pth__seed0"):
+        run_transfer(YOLO_SHAPES, ["resnet18"], pretrained=["a/w.pth", "b/w.pth"], out=tmp_path, overrides=task)
+    assert not (tmp_path / "settings.json").exists()
 
 
 def test_transfer_reports_mean_and_std_over_seeds_and_records_a_failure(shapes_dir, tmp_path):

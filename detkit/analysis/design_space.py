@@ -46,7 +46,7 @@ from detkit.errors import ConfigError
 NUM_STAGES = 4
 BOTTLENECKS = (1, 2, 4)
 MAX_GROUP_WIDTH = 32
-MAX_TRIES = 100_000
+MAX_TRIES = 100_000  # draws per requested sample (AnyNetX_E keeps ~1 in 500 for its ordering alone)
 
 
 @dataclass
@@ -185,18 +185,21 @@ def complexity_of(stages: RegNetStages, input_size: int = 224, stem_width: int =
 
 def sample_space(space: str, n: int, seed: int = 0, budget: Budget | None = None,
                  max_tries: int = MAX_TRIES) -> list[Sample]:
-    """``n`` networks of ``space`` (see the module docstring), reproducible from ``seed``."""
+    """``n`` networks of ``space`` (see the module docstring), reproducible from ``seed``; at most ``max_tries``
+    draws per sample."""
     if space not in SPACES:
         raise ConfigError(f"design space {space!r}: expected one of {', '.join(SPACES)}")
+    if seed < 0:
+        raise ConfigError(f"design space {space!r}: seed {seed} must be >= 0")
     rng = np.random.default_rng(seed)
     budget = budget or Budget()
     out: list[Sample] = []
     tries = 0
     while len(out) < n:
         tries += 1
-        if tries > max_tries:
-            raise ConfigError(f"design space {space!r}: {len(out)} of {n} samples within the budget after "
-                              f"{max_tries} tries; loosen the budget")
+        if tries > max_tries * n:
+            raise ConfigError(f"design space {space!r}: only {len(out)} of {n} samples within the budget after "
+                              f"{max_tries * n} draws; loosen the budget")
         drawn = SPACES[space](rng)
         if drawn is None:
             continue

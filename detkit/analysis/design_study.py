@@ -27,7 +27,16 @@ from typing import Any
 import numpy as np
 
 from detkit.analysis.design_space import SPACES, Budget, Sample, bootstrap_edf, fit_quantized_linear, sample_space
-from detkit.analysis.study import Trial, check_settings, human, measure_model, run_trials, write_json, write_table
+from detkit.analysis.study import (
+    Trial,
+    check_settings,
+    human,
+    measure_model,
+    run_trials,
+    task_settings,
+    write_json,
+    write_table,
+)
 from detkit.backbones.regnet import RegNetStages
 from detkit.errors import ConfigError
 
@@ -47,31 +56,38 @@ def sample_overrides(sample: Sample) -> list[str]:
 
 
 def flat_params(sample: Sample) -> dict[str, Any]:
-    """The sample's own parameters as report columns (AnyNet: d1..d4, w1..w4, b1..b4, g1..g4)."""
+    """The sample's parameters as report columns. AnyNet: ``d1..d4``, ``b1..b4`` and the widths ``w1..w4`` and group
+    widths ``g1..g4`` of the network as built (torchvision rounds a stage's inner width to a multiple of its group
+    width, and shrinks a group wider than the stage); RegNet: its six numbers."""
     p = sample.params
     if "depths" in p:
-        keys = {"d": "depths", "w": "widths", "b": "bottlenecks", "g": "group_widths"}
-        return {f"{k}{i + 1}": p[name][i] for k, name in keys.items() for i in range(len(p[name]))}
+        st = sample.stages
+        columns = {"d": st.depths, "w": st.widths, "b": p["bottlenecks"], "g": st.group_widths}
+        return {f"{k}{i + 1}": values[i] for k, values in columns.items() for i in range(len(values))}
     return dict(p)
 
 
+def read_samples(path: Path) -> list[Sample]:
+    try:
+        return [Sample(d["space"], d["params"], RegNetStages(**d["stages"]), d["complexity"])
+                for d in json.loads(path.read_text())]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a samples file detkit wrote ({type(e).__name__}: {e}); remove it to draw "
+                          f"again") from None
+
+
 def load_samples(out: Path, space: str, n: int, seed: int, budget: Budget) -> list[Sample]:
-    """``n`` samples: the ones in ``samples.json`` first (so a resumed study trains the same networks), drawn only
+    """``n`` samples: the ones saved with the study first (so a resumed study trains the same networks), drawn only
     when more are needed (the draw is reproducible, so the first ones repeat)."""
     path = out / "samples.json"
-    saved = []
-    if path.is_file():
-        saved = [Sample(d["space"], d["params"], RegNetStages(**d["stages"]), d["complexity"])
-                 for d in json.loads(path.read_text())]
+    saved = read_samples(path) if path.is_file() and (out / "settings.json").is_file() else []
     if len(saved) >= n:
         return saved[:n]
     log.info("%s: drawing %d samples (seed %d)", space, n, seed)
     drawn = sample_space(space, n, seed=seed, budget=budget)
     if any(a.params != b.params for a, b in zip(saved, drawn)):
         log.warning("%s: the samples drawn differ from %s; keeping the %d saved ones", space, path, len(saved))
-    samples = saved + drawn[len(saved):]
-    write_json([s.as_dict() for s in samples], path)
-    return samples
+    return saved + drawn[len(saved):]
 
 
 def sample_info(space: str, index: int, sample: Sample) -> dict[str, Any]:
@@ -94,28 +110,39 @@ def run_design_space(spaces: Sequence[str], n: int, task: str | Path, *, out: st
                           f"{', '.join(SPACES)}")
     if n < 1:
         raise ConfigError(f"--n {n}: need at least one sample")
-    from detkit.config import load_config
-
-    load_config(task, list(overrides))  # a bad task or override is one line now, not a failure per sample
-    for space in spaces:
+    base = task_settings(task, overrides)  # a bad task or override is one line now, not a failure per sample
+    plans = []
+    for space in spaces:  # draw every space first: an impossible budget fails before anything trains
         sdir = out / space
-        check_settings(sdir, {"space": space, "n": n, "seed": seed, "budget": asdict(budget), "task": str(task),
-                              "overrides": list(overrides)}, grow=("n",))
-        samples = load_samples(sdir, space, n, seed, budget)
-        trials = [Trial(f"trials/s{i:03d}", sample_overrides(s), sample_info(space, i, s))
+        settings = {"space": space, "n": n, "seed": seed, "budget": asdict(budget), **base}
+        check_settings(sdir, settings, grow=("n",), write=False)
+        plans.append((sdir, settings, load_samples(sdir, space, n, seed, budget)))
+    for sdir, settings, samples in plans:
+        check_settings(sdir, settings, grow=("n",))
+        write_json([s.as_dict() for s in samples], sdir / "samples.json")
+        trials = [Trial(f"trials/s{i:03d}", sample_overrides(s), sample_info(settings["space"], i, s))
                   for i, s in enumerate(samples)]
         run_trials(task, overrides, trials, sdir, retry_failed=retry_failed,
                    measure=lambda run_dir, cfg: measure_model(run_dir, cfg, latency=False))
     return write_report(out)
 
 
-def space_results(sdir: Path) -> list[dict[str, Any]]:
+def space_results(sdir: Path) -> tuple[list[dict[str, Any]], int]:
+    """The results of the study's first ``n`` samples (parameter columns from ``samples.json``, as
+    :func:`flat_params` reports them) and how many of them have no result yet."""
+    n = json.loads((sdir / "settings.json").read_text()).get("n", 0)
+    samples = read_samples(sdir / "samples.json") if (sdir / "samples.json").is_file() else []
     records = []
-    for path in sorted(sdir.glob("trials/*/result.json")):
+    for i in range(n):
+        path = sdir / "trials" / f"s{i:03d}" / "result.json"
+        if not path.is_file():
+            continue
         r = json.loads(path.read_text())
+        if i < len(samples):
+            r.update(flat_params(samples[i]))
         r["error"] = round(1.0 - r["value"], 5) if r.get("status") == "done" else None
         records.append(r)
-    return records
+    return records, n - len(records)
 
 
 def write_report(out: Path, n_boot: int = 1000, level: float = 0.95) -> list[dict[str, Any]]:
@@ -125,15 +152,15 @@ def write_report(out: Path, n_boot: int = 1000, level: float = 0.95) -> list[dic
     summary, curves = [], {}
     for sdir in sorted(p.parent for p in out.glob("*/settings.json")):
         space = sdir.name
-        records = space_results(sdir)
+        records, pending = space_results(sdir)
         params = ANYNET_COLUMNS if space.startswith("anynet") else REGNET_COLUMNS
         columns = ["sample", "status", "error", *params, "imagenet_flops", "imagenet_params",
                    "imagenet_activations", "backbone_flops", "e_fit", "train_s", "failure"]
         fmt = {c: human for c in ("imagenet_flops", "imagenet_params", "imagenet_activations", "backbone_flops")}
         write_table(records, columns, sdir / "results", fmt)
         done = [r for r in records if r["error"] is not None]
-        row: dict[str, Any] = {"space": space, "samples": len(records), "done": len(done),
-                               "failed": len(records) - len(done)}
+        row: dict[str, Any] = {"space": space, "samples": len(records) + pending, "done": len(done),
+                               "failed": len(records) - len(done), "pending": pending}
         if done:
             errors = np.array([r["error"] for r in done])
             best = done[int(np.argmin(errors))]
@@ -150,8 +177,8 @@ def write_report(out: Path, n_boot: int = 1000, level: float = 0.95) -> list[dic
         summary.append(row)
     if not summary:
         raise ConfigError(f"{out}: no design-space study here (no <space>/settings.json)")
-    columns = ["space", "samples", "done", "failed", "min_error", "median_error", "mean_error", "best_sample",
-               "median_e_fit", "median_imagenet_flops"]
+    columns = ["space", "samples", "done", "failed", "pending", "min_error", "median_error", "mean_error",
+               "best_sample", "median_e_fit", "median_imagenet_flops"]
     write_table(summary, columns, out / "summary", {"median_imagenet_flops": human})
     if curves:
         plot_edfs(curves, out / "edf.png", level=level)
@@ -161,10 +188,12 @@ def write_report(out: Path, n_boot: int = 1000, level: float = 0.95) -> list[dic
 def format_summary(rows: Sequence[dict[str, Any]], out: Path) -> str:
     lines = [f"design-space study: {out / 'summary.md'}, {out / 'edf.png'} (per space: results.md, scatter.png)"]
     for r in rows:
+        counts = f"{r['done']}/{r['samples']} done" + (f", {r['failed']} failed" if r["failed"] else "") + \
+            (f", {r['pending']} pending" if r["pending"] else "")
         if r.get("min_error") is None:
-            lines.append(f"  {r['space']:<13} {r['done']}/{r['samples']} done")
+            lines.append(f"  {r['space']:<13} {counts}")
             continue
-        lines.append(f"  {r['space']:<13} {r['done']}/{r['samples']} done, error min {r['min_error']:.4f} median "
+        lines.append(f"  {r['space']:<13} {counts}; error min {r['min_error']:.4f} median "
                      f"{r['median_error']:.4f} mean {r['mean_error']:.4f}; median e_fit {r['median_e_fit']:.4f}; "
                      f"best {r['best_sample']}")
     return "\n".join(lines)

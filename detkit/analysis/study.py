@@ -8,10 +8,11 @@ Each trial is an ordinary run directory (``detkit train``'s layout) plus ``resul
 - ``status: failed``: the error in one line (``failure``; the traceback in ``error.txt``). A study run again skips
   it too, unless asked to retry failed trials; the other trials go on either way.
 - no ``result.json``: the trial never finished (the study was interrupted). A study run again resumes it from its
-  ``checkpoints/last.ckpt`` when there is one, so no finished epoch is lost.
+  ``checkpoints/last.ckpt`` when there is one, so no finished epoch is lost; ``train_s`` adds up the attempts.
 
-``settings.json`` at the study's root records the command's settings (task, overrides, ...); running a study
-into the same folder with different settings is a one-line error, so results of different setups never mix.
+``settings.json`` at the study's root records the command's settings (task, overrides, a hash of the resolved
+config, ...); running a study into the same folder with different settings is a one-line error, so results of
+different setups never mix.
 """
 
 from __future__ import annotations
@@ -53,18 +54,37 @@ def write_json(data: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def check_settings(out: Path, settings: dict[str, Any], grow: Sequence[str] = ()) -> None:
-    """Record ``settings`` in ``out/settings.json``, or check them against the recorded ones (keys in ``grow``
-    may differ: e.g. a larger ``n`` extends a design-space study)."""
+def check_settings(out: Path, settings: dict[str, Any], grow: Sequence[str] = (), write: bool = True) -> None:
+    """Check ``settings`` against the ones recorded in ``out/settings.json`` (keys in ``grow`` may differ: e.g. a
+    larger ``n`` extends a design-space study), then record them (``write``)."""
     path = out / "settings.json"
     settings = json.loads(json.dumps(settings))  # the JSON form, as it will be compared later
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except ValueError as e:
+            raise ConfigError(f"{path}: not readable JSON ({e}); fix or remove it") from None
         for key in sorted(set(old) | set(settings)):
             if key not in grow and old.get(key) != settings.get(key):
                 raise ConfigError(f"{path}: this study was run with {key} = {old.get(key)!r}, not "
                                   f"{settings.get(key)!r}; use another --out, or the same settings to resume it")
-    write_json(settings, path)
+    if write:
+        write_json(settings, path)
+
+
+def task_settings(task: str | Path, overrides: Sequence[str]) -> dict[str, Any]:
+    """What identifies a study's task: the config file, the overrides, and a hash of the resolved config (so an
+    edited config file is not mistaken for the one the earlier runs used). Loading it here also makes a bad task
+    or override a one-line error before anything trains."""
+    import hashlib
+
+    from detkit.config import load_config
+    from detkit.config.loader import to_yaml
+
+    cfg = load_config(task, list(overrides))
+    cfg.output_dir = ""  # may hold a timestamp; every trial sets its own
+    return {"task": str(Path(task).resolve()), "overrides": list(overrides),
+            "config_sha1": hashlib.sha1(to_yaml(cfg).encode()).hexdigest()[:16]}
 
 
 def one_line(e: BaseException) -> str:
@@ -93,13 +113,19 @@ def run_trial(task: str | Path, overrides: Sequence[str], trial: Trial, out: Pat
     run_dir = out / trial.name
     result_path = run_dir / RESULT
     if result_path.is_file():
-        previous = json.loads(result_path.read_text())
-        if previous.get("status") == "done" or not retry_failed:
+        try:
+            previous = json.loads(result_path.read_text())
+        except ValueError:
+            log.warning("  %s: unreadable, running the trial again", result_path)
+            previous = {}
+        if previous.get("status") == "done" or (previous.get("status") == "failed" and not retry_failed):
             log.info("  %s already %s%s", trial.name, previous.get("status"),
                      f" ({previous.get('failure')})" if previous.get("status") == "failed" else "")
             return previous
     record: dict[str, Any] = {"trial": trial.name, **trial.info}
     last = run_dir / "checkpoints" / "last.ckpt"
+    attempts_path = run_dir / "attempts.json"  # seconds spent by earlier, interrupted or failed attempts
+    earlier = json.loads(attempts_path.read_text()) if attempts_path.is_file() else []
     start = time.perf_counter()
     try:
         cfg = load_config(task, [*overrides, *trial.overrides])
@@ -108,23 +134,27 @@ def run_trial(task: str | Path, overrides: Sequence[str], trial: Trial, out: Pat
         if resume is not None:
             log.info("  resuming %s from %s", trial.name, last)
         train(cfg, resume=resume)
-        record["train_s"] = round(time.perf_counter() - start, 2)
+        record["train_s"] = round(sum(earlier) + time.perf_counter() - start, 2)
         record["resumed"] = resume is not None
         metric = cfg.eval.main_metric
         metrics = json.loads((run_dir / "metrics.json").read_text())
         value = metrics.get(metric)
-        if value is None or not math.isfinite(value):
-            raise ConfigError(f"{run_dir / 'metrics.json'}: no finite {metric} (got {value!r})")
+        if value is None or not math.isfinite(value) or value < 0:  # COCO gives -1 where a metric is undefined
+            raise ConfigError(f"{run_dir / 'metrics.json'}: {metric} is undefined (got {value!r})")
         record.update(metric=metric, value=float(value))
         if measure is not None:
             record.update(measure(run_dir, cfg))
         record["status"] = "done"
+        (run_dir / "error.txt").unlink(missing_ok=True)
         log.info("  %s: %s = %.4f (%.0f s)", trial.name, metric, value, record["train_s"])
     except Exception as e:  # a failing trial is recorded; the study goes on
         record.update(status="failed", failure=one_line(e), train_s=round(time.perf_counter() - start, 2))
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "error.txt").write_text(traceback.format_exc())
         log.error("  trial %s failed: %s (traceback: %s)", trial.name, record["failure"], run_dir / "error.txt")
+    finally:  # also on Ctrl-C / SIGTERM (not caught above: the study stops, and this trial resumes next time)
+        if record.get("status") != "done" and run_dir.is_dir():
+            write_json([*earlier, round(time.perf_counter() - start, 2)], attempts_path)
     write_json(record, result_path)
     return record
 

@@ -9,8 +9,11 @@ EfficientNet compound-scaled by ``phi`` (depth alpha^phi, width beta^phi) with t
 by gamma^phi (to a multiple of 32), so phi = 0, 0.5, 1 ... can be compared on the task.
 
 Pretrained settings (``--pretrained``, comma-separated): ``none`` (from scratch), a weights name or file for every
-backbone, or ``BACKBONE=WEIGHTS`` for one backbone only. Each backbone runs with every setting that applies to it;
-without ``--pretrained`` every backbone trains from scratch.
+backbone, or ``BACKBONE=WEIGHTS`` for one backbone only. Each backbone runs with every setting that applies to it,
+and from scratch where none does (so without ``--pretrained`` every backbone trains from scratch).
+
+The report covers the backbones, settings and seeds of the command; runs of earlier commands into the same folder
+stay on disk and are reused (not retrained) when a command names them again.
 """
 
 from __future__ import annotations
@@ -24,12 +27,21 @@ from typing import Any
 
 import torch
 
-from detkit.analysis.study import Trial, check_settings, human, mean_std, measure_model, run_trials, write_table
+from detkit.analysis.study import (
+    Trial,
+    check_settings,
+    human,
+    mean_std,
+    measure_model,
+    run_trials,
+    task_settings,
+    write_table,
+)
 from detkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 SCRATCH = ("none", "null", "scratch")
-PHI = re.compile(r"^efficientnet@phi=(-?[0-9.]+)$")
+PHI = re.compile(r"^efficientnet@phi=(.*)$")
 
 
 @dataclass(frozen=True)
@@ -59,8 +71,14 @@ def backbone_overrides(entry: str, image_size: int, gamma: float) -> tuple[list[
 
     m = PHI.match(entry)
     if m:
-        phi = float(m.group(1))
+        try:
+            phi = float(m.group(1))
+        except ValueError:
+            raise ConfigError(f"--backbones {entry!r}: phi must be a number (efficientnet@phi=0.5)") from None
         resolution = compound_scaling(phi, gamma=gamma, base_resolution=image_size)[2]
+        if not -4 <= phi <= 8 or resolution < 32:
+            raise ConfigError(f"--backbones {entry!r}: phi out of range (need -4 <= phi <= 8 and an input of at "
+                              f"least 32 px; this gives {resolution})")
         return ["model.backbone.name=efficientnet", f"model.backbone.efficientnet.phi={phi}",
                 f"data.image_size={resolution}"], resolution
     if "@" in entry:
@@ -90,10 +108,9 @@ def variants(task: str | Path, overrides: Sequence[str], backbones: Sequence[str
     out = []
     for entry in backbones:
         extra, size = backbone_overrides(entry, int(cfg.data.image_size), float(cfg.model.backbone.efficientnet.gamma))
-        name = extra[0].split("=", 1)[1]
-        if not name.startswith("timm:") and not PHI.match(entry):
-            with torch.device("meta"):
-                build_backbone(name)  # an unknown name is a one-line error now, not a failed trial later
+        phi = [e.split("=", 1)[1] for e in extra if e.startswith("model.backbone.efficientnet.phi=")]
+        with torch.device("meta"):  # an unknown name is a one-line error now, not a failed trial later
+            build_backbone({"name": "efficientnet", "efficientnet": {"phi": float(phi[0])}} if phi else entry)
         settings = generic + [None if w.lower() in SCRATCH else w for w in specific.get(entry, [])]
         for weights in settings or [None]:
             value = "null" if weights is None else weights
@@ -116,10 +133,17 @@ def run_transfer(task: str | Path, backbones: Sequence[str], *, pretrained: Sequ
     out = Path(out)
     found = variants(task, overrides, backbones, pretrained)
     seeds = [int(s) for s in seeds] or [0]
-    check_settings(out, {"task": str(task), "overrides": list(overrides)})
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"--seeds {','.join(map(str, seeds))}: seeds must be distinct and >= 0")
     trials = [Trial(trial_name(v, s), [*v.overrides, f"seed={s}"],
                     {"backbone": v.backbone, "pretrained": v.pretrained_label, "seed": s, "image_size": v.image_size})
               for v in found for s in seeds]
+    names = [t.name for t in trials]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise ConfigError(f"--backbones/--pretrained: two settings would share the run folder {clash[0]} (e.g. "
+                          f"weights files with the same name); rename one")
+    check_settings(out, task_settings(task, overrides))
     results = run_trials(task, overrides, trials, out,
                          measure=lambda run_dir, cfg: measure_model(run_dir, cfg, latency=latency),
                          retry_failed=retry_failed)
