@@ -339,7 +339,7 @@ def _transfer(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / "transfer" / Path(args.config).stem)
     rows = run_transfer(args.config, split_list(args.backbones), pretrained=split_list(args.pretrained),
                         seeds=args.seeds, out=out, overrides=STUDY_OVERRIDES + list(args.overrides),
-                        retry_failed=args.retry_failed, latency=not args.no_latency)
+                        retry_failed=args.retry_failed, latency=not args.no_latency, remeasure=args.remeasure)
     print(format_report(rows, out))
     return 0
 
@@ -550,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "same command again to resume")
     tf.add_argument("--retry-failed", action="store_true", help="run failed trials again (default: skip them)")
     tf.add_argument("--no-latency", action="store_true", help="do not time inference")
+    tf.add_argument("--remeasure", action="store_true",
+                    help="measure finished runs again (complexity, latency), e.g. on a quiet machine; no training")
     tf.set_defaults(func=_transfer)
 
     ds = sub.add_parser("design-space", help="sample backbones from design spaces (RegNet, AnyNet), train each on a "

@@ -299,6 +299,14 @@ def test_transfer_reports_mean_and_std_over_seeds_and_records_a_failure(shapes_d
                          seeds=[1, 2], out=out, overrides=tiny_task(shapes_dir))
     assert again == rows
     assert before == {n: (out / "trials" / n / "result.json").stat().st_mtime_ns for n in runs}
+    # --remeasure: the finished runs are measured again (here: without latency), not retrained
+    run_transfer(YOLO_SHAPES, ["mobilenet_v3_small"], seeds=[1], out=out, overrides=tiny_task(shapes_dir),
+                 latency=False, remeasure=True)
+    remeasured = results(out)["mobilenet_v3_small__scratch__seed1"]
+    assert remeasured["model_flops"] == runs["mobilenet_v3_small__scratch__seed1"]["model_flops"]
+    assert remeasured["train_s"] == runs["mobilenet_v3_small__scratch__seed1"]["train_s"]
+    assert (out / "trials" / "mobilenet_v3_small__scratch__seed1" / "result.json").stat().st_mtime_ns > \
+        before["mobilenet_v3_small__scratch__seed1"]
 
 
 def test_transfer_cli_prints_the_report(shapes_dir, tmp_path, capsys):

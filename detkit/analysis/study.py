@@ -94,19 +94,21 @@ def one_line(e: BaseException) -> str:
 
 def run_trials(task: str | Path, overrides: Sequence[str], trials: Iterable[Trial], out: Path, *,
                measure: Callable[[Path, Any], dict[str, Any]] | None = None, retry_failed: bool = False,
-               ) -> list[dict[str, Any]]:
-    """Run every trial not yet done (see the module docstring); returns their ``result.json`` records."""
+               remeasure: bool = False) -> list[dict[str, Any]]:
+    """Run every trial not yet done (see the module docstring); returns their ``result.json`` records.
+    ``remeasure``: measure the trials already done again (e.g. latency on a quiet machine), without training."""
     trials = list(trials)
     results = []
     for i, trial in enumerate(trials):
         log.info("trial %d/%d: %s", i + 1, len(trials), trial.name)
-        results.append(run_trial(task, overrides, trial, out, measure=measure, retry_failed=retry_failed))
+        results.append(run_trial(task, overrides, trial, out, measure=measure, retry_failed=retry_failed,
+                                 remeasure=remeasure))
     return results
 
 
 def run_trial(task: str | Path, overrides: Sequence[str], trial: Trial, out: Path, *,
               measure: Callable[[Path, Any], dict[str, Any]] | None = None,
-              retry_failed: bool = False) -> dict[str, Any]:
+              retry_failed: bool = False, remeasure: bool = False) -> dict[str, Any]:
     from detkit.config import load_config
     from detkit.engine.run import train
 
@@ -118,6 +120,11 @@ def run_trial(task: str | Path, overrides: Sequence[str], trial: Trial, out: Pat
         except ValueError:
             log.warning("  %s: unreadable, running the trial again", result_path)
             previous = {}
+        if previous.get("status") == "done" and remeasure and measure is not None:
+            log.info("  %s: measuring again", trial.name)
+            previous.update(measure(run_dir, load_config(run_dir / "config.yaml")))
+            write_json(previous, result_path)
+            return previous
         if previous.get("status") == "done" or (previous.get("status") == "failed" and not retry_failed):
             log.info("  %s already %s%s", trial.name, previous.get("status"),
                      f" ({previous.get('failure')})" if previous.get("status") == "failed" else "")

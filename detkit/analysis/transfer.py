@@ -128,7 +128,7 @@ def trial_name(variant: Variant, seed: int) -> str:
 
 def run_transfer(task: str | Path, backbones: Sequence[str], *, pretrained: Sequence[str] = (),
                  seeds: Sequence[int] = (0,), out: str | Path, overrides: Sequence[str] = (),
-                 retry_failed: bool = False, latency: bool = True) -> list[dict[str, Any]]:
+                 retry_failed: bool = False, latency: bool = True, remeasure: bool = False) -> list[dict[str, Any]]:
     """Run the study (skipping finished trials) and write the report; returns its rows."""
     out = Path(out)
     found = variants(task, overrides, backbones, pretrained)
@@ -146,7 +146,7 @@ def run_transfer(task: str | Path, backbones: Sequence[str], *, pretrained: Sequ
     check_settings(out, task_settings(task, overrides))
     results = run_trials(task, overrides, trials, out,
                          measure=lambda run_dir, cfg: measure_model(run_dir, cfg, latency=latency),
-                         retry_failed=retry_failed)
+                         retry_failed=retry_failed, remeasure=remeasure)
     return write_report(results, out)
 
 
@@ -187,7 +187,8 @@ def write_report(results: Sequence[dict[str, Any]], out: Path) -> list[dict[str,
     rows = aggregate(results)
     trial_cols = ["trial", "backbone", "pretrained", "seed", "status", "value", "train_s", "latency_ms",
                   "model_flops", "model_params", "failure"]
-    write_table(results, trial_cols, out / "trials")
+    write_table(results, trial_cols, out / "trials", {"value": lambda v: f"{v:.4f}", "model_flops": human,
+                                                       "model_params": human})
     has_failures = any("failed" in r for r in rows)
     columns = COLUMNS + ["seeds"] + (["failed"] if has_failures else [])
     fmt = {c: human for c in COLUMNS[4:10]}
