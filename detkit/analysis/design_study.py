@@ -170,7 +170,7 @@ def write_report(out: Path, n_boot: int = 1000, level: float = 0.95) -> list[dic
                        median_imagenet_flops=float(np.median([r["imagenet_flops"] for r in done])))
             plot_scatter(done, [*params, "imagenet_flops", "e_fit"], f"{space}: error vs parameters "
                          f"({len(done)} samples)", sdir / "scatter.png", log_x=LOG_X)
-            grid = np.linspace(0.0, 1.0, 501)
+            grid = np.linspace(0.0, 1.0, 4001)
             grid = np.union1d(grid, errors)
             F, lo, hi = bootstrap_edf(errors, grid, n_boot=n_boot, level=level)
             curves[space] = {"grid": grid, "F": F, "lo": lo, "hi": hi, "errors": errors}

@@ -53,8 +53,11 @@ def plot_edfs(curves: Mapping[str, dict[str, np.ndarray]], path: Path, level: fl
         label = f"{space} (n={e.size}, min {e.min():.3f}, median {np.median(e):.3f})"
         ax.step(c["grid"], c["F"], where="post", color=color, label=label)
         ax.fill_between(c["grid"], c["lo"], c["hi"], step="post", color=color, alpha=0.2, linewidth=0)
+    errors = np.concatenate([np.asarray(c["errors"]) for c in curves.values()])
+    pad = max(0.01, 0.1 * float(errors.max() - errors.min()))
     ax.set(xlabel="error (1 - main metric)", ylabel="cumulative probability",
-           title=f"error EDF per design space ({level:.0%} bootstrap bands)", ylim=(0, 1.02))
+           title=f"error EDF per design space ({level:.0%} bootstrap bands)", ylim=(0, 1.02),
+           xlim=(max(0.0, errors.min() - pad), min(1.0, errors.max() + pad)))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -65,15 +68,17 @@ def plot_edfs(curves: Mapping[str, dict[str, np.ndarray]], path: Path, level: fl
 
 def plot_scatter(records: Sequence[dict[str, Any]], columns: Sequence[str], title: str, path: Path,
                  log_x: Sequence[str] = ()) -> Path:
-    """Error against each of ``columns`` (one panel each) for the finished samples of one space."""
+    """Error against each of ``columns`` (one panel each) for the finished samples of one space; ``log_x`` columns
+    get a log axis when their values span more than 5x."""
     ncols = min(5, len(columns))
     nrows = math.ceil(len(columns) / ncols)
     fig = _figure(3.1 * ncols, 2.6 * nrows + 0.4)
     errors = [r["error"] for r in records]
     for i, col in enumerate(columns):
         ax = fig.add_subplot(nrows, ncols, i + 1)
-        ax.scatter([r[col] for r in records], errors, s=14, alpha=0.8)
-        if col in log_x:
+        values = [r[col] for r in records]
+        ax.scatter(values, errors, s=14, alpha=0.8)
+        if col in log_x and min(values) > 0 and max(values) / min(values) > 5:  # a wide range: log axis
             ax.set_xscale("log")
         ax.set_xlabel(col)
         if i % ncols == 0:
