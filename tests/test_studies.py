@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -120,20 +121,28 @@ def test_design_space_study_runs_resumes_and_survives_a_failing_sample(shapes_di
 
 
 class Interrupt(L.Callback):
-    """Ctrl-C at the start of the second epoch (after the first epoch's last.ckpt is written)."""
+    """At the start of the second epoch (after epoch 1's last.ckpt): Ctrl-C, or SIGTERM to the process group (here:
+    to this process, then the error a data loader worker killed by the same signal causes)."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.current_epoch == 1:
+            if self.how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated")
             raise KeyboardInterrupt
 
 
-def test_an_interrupted_sample_resumes_from_its_last_checkpoint(shapes_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_an_interrupted_sample_resumes_from_its_last_checkpoint(shapes_dir, tmp_path, monkeypatch, how):
     calls = []
     real_train = engine_run.train
 
     def train(cfg, resume=None, callbacks=None):
         calls.append(resume)
-        return real_train(cfg, resume=resume, callbacks=[Interrupt()] if len(calls) == 1 else None)
+        return real_train(cfg, resume=resume, callbacks=[Interrupt(how)] if len(calls) == 1 else None)
 
     monkeypatch.setattr(engine_run, "train", train)
     kwargs = dict(out=tmp_path, overrides=[*tiny_task(shapes_dir), "train.epochs=2"],

@@ -7,8 +7,9 @@ Each trial is an ordinary run directory (``detkit train``'s layout) plus ``resul
   model's measurements (complexity, latency). A study run again skips it.
 - ``status: failed``: the error in one line (``failure``; the traceback in ``error.txt``). A study run again skips
   it too, unless asked to retry failed trials; the other trials go on either way.
-- no ``result.json``: the trial never finished (the study was interrupted). A study run again resumes it from its
-  ``checkpoints/last.ckpt`` when there is one, so no finished epoch is lost; ``train_s`` adds up the attempts.
+- no ``result.json``: the trial never finished (the study was interrupted: Ctrl-C, SIGTERM). A study run again
+  resumes it from its ``checkpoints/last.ckpt`` when there is one, so no finished epoch is lost; ``train_s`` adds
+  up the attempts.
 
 ``settings.json`` at the study's root records the command's settings (task, overrides, a hash of the resolved
 config, ...); running a study into the same folder with different settings is a one-line error, so results of
@@ -21,10 +22,13 @@ import json
 import logging
 import math
 import os
+import signal
 import statistics
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +96,34 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
+class _Termination:
+    """While a study runs, SIGTERM stops it like Ctrl-C: the running trial stays unrecorded and resumes next time.
+
+    Lightning's own SIGTERM handler calls this one too (it keeps existing handlers). Raising ``KeyboardInterrupt``
+    here ends ``fit`` the way Ctrl-C does; ``received`` also catches the case where the signal reached the data
+    loader workers first and the trial fails because of that, which must not be recorded as the trial's failure.
+    """
+
+    received = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        type(self).received = True
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    @classmethod
+    @contextmanager
+    def handled(cls):
+        cls.received = False
+        if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
+            yield
+            return
+        previous = signal.signal(signal.SIGTERM, cls())
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def run_trials(task: str | Path, overrides: Sequence[str], trials: Iterable[Trial], out: Path, *,
                measure: Callable[[Path, Any], dict[str, Any]] | None = None, retry_failed: bool = False,
                remeasure: bool = False) -> list[dict[str, Any]]:
@@ -99,10 +131,11 @@ def run_trials(task: str | Path, overrides: Sequence[str], trials: Iterable[Tria
     ``remeasure``: measure the trials already done again (e.g. latency on a quiet machine), without training."""
     trials = list(trials)
     results = []
-    for i, trial in enumerate(trials):
-        log.info("trial %d/%d: %s", i + 1, len(trials), trial.name)
-        results.append(run_trial(task, overrides, trial, out, measure=measure, retry_failed=retry_failed,
-                                 remeasure=remeasure))
+    with _Termination.handled():
+        for i, trial in enumerate(trials):
+            log.info("trial %d/%d: %s", i + 1, len(trials), trial.name)
+            results.append(run_trial(task, overrides, trial, out, measure=measure, retry_failed=retry_failed,
+                                     remeasure=remeasure))
     return results
 
 
@@ -155,6 +188,8 @@ def run_trial(task: str | Path, overrides: Sequence[str], trial: Trial, out: Pat
         (run_dir / "error.txt").unlink(missing_ok=True)
         log.info("  %s: %s = %.4f (%.0f s)", trial.name, metric, value, record["train_s"])
     except Exception as e:  # a failing trial is recorded; the study goes on
+        if _Termination.received:  # it failed because the study is being terminated: not the trial's failure
+            raise KeyboardInterrupt("terminated") from e
         record.update(status="failed", failure=one_line(e), train_s=round(time.perf_counter() - start, 2))
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "error.txt").write_text(traceback.format_exc())
