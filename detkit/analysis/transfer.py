@@ -185,7 +185,7 @@ def write_report(results: Sequence[dict[str, Any]], out: Path) -> list[dict[str,
     from detkit.analysis.study_plots import plot_metric_vs
 
     rows = aggregate(results)
-    trial_cols = ["trial", "backbone", "pretrained", "seed", "status", "value", "train_s", "latency_ms",
+    trial_cols = ["trial", "backbone", "pretrained", "seed", "status", "value", "train_s", "latency_ms", "threads",
                   "model_flops", "model_params", "failure"]
     write_table(results, trial_cols, out / "trials", {"value": lambda v: f"{v:.4f}", "model_flops": human,
                                                        "model_params": human})
