@@ -405,24 +405,22 @@ def budget_range(text: str) -> tuple[float | None, float | None]:
     return bounds
 
 
-def nonnegative_int(text: str) -> int:
+def _int_at_least(text: str, minimum: int, problem: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} {problem}")
     return value
+
+
+def nonnegative_int(text: str) -> int:
+    return _int_at_least(text, 0, "is negative")
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
+    return _int_at_least(text, 1, "is not a positive integer")
 
 
 def build_parser() -> argparse.ArgumentParser:

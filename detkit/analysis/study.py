@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import statistics
 import threading
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 
+from detkit.engine.callbacks import write_json
 from detkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -48,14 +48,6 @@ class Trial:
     name: str
     overrides: list[str]
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def write_json(data: Any, path: Path) -> None:
-    """Written atomically (a temporary file renamed over the target): an interrupted write never truncates it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def check_settings(out: Path, settings: dict[str, Any], grow: Sequence[str] = (), write: bool = True) -> None:

@@ -21,14 +21,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
-def write_metrics(metrics: dict[str, Any], path: str | Path) -> Path:
-    """``metrics.json``: one flat JSON object (values in [0, 1] or null, plus ``per_class``), written atomically."""
+def write_json(data: Any, path: str | Path) -> Path:
+    """Written atomically (``<file>.tmp`` renamed over ``<file>``): an interrupted write never truncates it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=False))
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
     os.replace(tmp, path)
     return path
+
+
+def write_metrics(metrics: dict[str, Any], path: str | Path) -> Path:
+    """``metrics.json``: one flat JSON object (values in [0, 1] or null, plus ``per_class``), written atomically."""
+    return write_json(metrics, path)
 
 
 class MetricsWriter(L.Callback):
