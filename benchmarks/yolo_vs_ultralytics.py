@@ -99,7 +99,7 @@ def export_yolo(cfg, out: Path) -> dict[str, Any]:
     """Write data.yaml, images/{train,val}/<image_id><suffix> and labels/{train,val}/<image_id>.txt."""
     import yaml
 
-    from detkit.evaluation.ground_truth import record_size
+    from detkit.data.to_coco import record_size
 
     manifest: dict[str, Any] = {}
     for split in ("train", "val"):

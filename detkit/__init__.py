@@ -25,6 +25,13 @@ def build_model(cfg):
     return _build(cfg)
 
 
+def load_model(path, config=None, device="cpu"):
+    """See :func:`detkit.models.load_model`: the trained model of a run directory or checkpoint (no Lightning)."""
+    from detkit.models import load_model as _load
+
+    return _load(path, config, device)
+
+
 def train(cfg, overrides=(), *, resume=None, callbacks=None):
     """See :func:`detkit.engine.train`: train from a config (or config path); returns the run directory."""
     from detkit.engine import train as _train
@@ -40,4 +47,4 @@ def evaluate(target, checkpoint=None, overrides=(), split="val"):
 
 
 __all__ = ["ConfigError", "DetkitError", "PretrainedError", "__version__", "build_backbone", "build_model",
-           "evaluate", "load_config", "train"]
+           "evaluate", "load_config", "load_model", "train"]

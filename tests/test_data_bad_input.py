@@ -150,7 +150,7 @@ def test_corrupt_and_truncated_images_are_skipped_with_a_count(tmp_path):
         ds.load(2)
     with pytest.raises(DataError, match="trunc.jpg: cannot decode image"):
         ds.load(1)
-    ds.transform = build_pipeline("val", image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3, train=False)
+    ds.transform = build_pipeline("val", image_size=64, train=False)
     batch = Collate()([ds[i] for i in range(3)])  # training: the bad ones are left out and counted
     assert len(batch["targets"]) == 1 and len(batch["skipped"]) == 2
     stats = dataset_stats(ds)

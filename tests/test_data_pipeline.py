@@ -14,10 +14,12 @@ from detkit.cli import main
 from detkit.config import load_config
 from detkit.data.build import build_dataset
 from detkit.data.collate import Collate
-from detkit.data.convert import to_coco
-from detkit.data.datamodule import DetDataModule, GroupedSampler, backbone_normalization
+from detkit.data.datamodule import GroupedSampler
+from detkit.data.to_coco import to_coco
 from detkit.data.transforms import build_pipeline
+from detkit.engine.run import build_datamodule
 from detkit.errors import ConfigError
+from detkit.models import build_model
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -32,12 +34,12 @@ def _mask_inside_box(mask, box, tol=3.0):
 
 def test_train_pipeline_keeps_boxes_inside_and_aligned_with_masks(shapes_dir):
     ds = build_dataset(shapes_cfg(shapes_dir))
-    pipe = build_pipeline("train", image_size=80, mean=MEAN, std=STD, train=True)
+    pipe = build_pipeline("train", image_size=80, train=True)
     dropped = 0
     for i in range(len(ds)):
         raw = ds.load(i)
         s = pipe(raw)
-        assert s["image"].shape == (3, 80, 80) and s["image"].dtype == torch.float32
+        assert s["image"].shape == (3, 80, 80) and s["image"].dtype == torch.uint8  # the model normalises
         b = s["boxes"]
         assert (b >= 0).all() and (b <= 80).all() and (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
         assert len(s["labels"]) == len(b) == len(s["masks"]) == len(s["iscrowd"])
@@ -51,7 +53,7 @@ def test_train_pipeline_keeps_boxes_inside_and_aligned_with_masks(shapes_dir):
 def test_val_letterbox_maps_back_to_original_pixels(shapes_dir):
     ds = build_dataset({**shapes_cfg(shapes_dir), "format": "coco"})
     for resize in ("letterbox", "stretch"):
-        pipe = build_pipeline("val", image_size=160, mean=MEAN, std=STD, train=False, resize=resize)
+        pipe = build_pipeline("val", image_size=160, train=False, resize=resize)
         raw = ds.load(0)
         s = pipe(raw)
         sx, sy = s["scale"]
@@ -69,7 +71,7 @@ def test_semantic_maps_follow_the_image_and_padding_is_ignored():
     pipe = build_pipeline([{"name": "LongestMaxSize", "max_size": 120},
                            {"name": "PadIfNeeded", "min_height": 120, "min_width": 120, "border_mode": 0,
                             "position": "top_left"},
-                           {"name": "HorizontalFlip", "p": 1.0}], image_size=120, mean=MEAN, std=STD, train=True)
+                           {"name": "HorizontalFlip", "p": 1.0}], image_size=120, train=True)
     raw = ds.load(0)
     s = pipe(raw)
     sem = s["semantic"].numpy()
@@ -86,7 +88,7 @@ def test_transform_lists_from_config_and_their_errors():
     pipe = build_pipeline([{"name": "HorizontalFlip", "p": 1.0},
                            {"name": "OneOf", "transforms": [{"name": "Blur"}, {"name": "GaussNoise"}]},
                            {"name": "Resize", "height": 32, "width": 48}],
-                          image_size=32, mean=MEAN, std=STD, train=True)
+                          image_size=32, train=True)
     sample = {"image": np.zeros((20, 30, 3), np.uint8), "boxes": np.array([[0, 0, 10, 5]], np.float32),
               "labels": np.array([1]), "iscrowd": np.array([False]), "difficult": np.array([False])}
     out = pipe(sample)
@@ -94,25 +96,27 @@ def test_transform_lists_from_config_and_their_errors():
     np.testing.assert_allclose(out["boxes"][0].numpy(), [32, 0, 48, 8], atol=1e-4)  # flipped, then resized
     with pytest.raises(ConfigError, match=r"data.transforms\[0\]: unknown albumentations transform 'HorizontalFlp' "
                                           r"\(did you mean 'HorizontalFlip'\?\)"):
-        build_pipeline([{"name": "HorizontalFlp"}], image_size=32, mean=MEAN, std=STD, train=True)
+        build_pipeline([{"name": "HorizontalFlp"}], image_size=32, train=True)
     with pytest.raises(ConfigError, match=r"data.transforms\[0\]: bad arguments for Resize"):
-        build_pipeline([{"name": "Resize", "hieght": 3}], image_size=32, mean=MEAN, std=STD, train=True)
+        build_pipeline([{"name": "Resize", "hieght": 3}], image_size=32, train=True)
     with pytest.raises(ConfigError, match="unknown transform preset 'strong'"):
-        build_pipeline("strong", image_size=32, mean=MEAN, std=STD, train=True)
+        build_pipeline("strong", image_size=32, train=True)
 
 
 def test_normalisation_uses_the_backbone_mean_and_std():
-    assert backbone_normalization(load_config().model.backbone) == (MEAN, STD)
-    assert backbone_normalization({"name": "timm:tf_efficientnet_lite0"}) == ((0.5,) * 3, (0.5,) * 3)
-    pipe = build_pipeline("none", image_size=8, mean=(0.5,) * 3, std=(0.5,) * 3, train=False)
+    assert build_model(load_config()).mean == MEAN and build_model(load_config()).std == STD
+    lite = build_model(load_config(None, ["model.backbone.name=timm:tf_efficientnet_lite0", "model.neck.name=fpn"]))
+    assert lite.mean == (0.5,) * 3 and lite.std == (0.5,) * 3
+    pipe = build_pipeline("none", image_size=8, train=False)
     out = pipe({"image": np.full((4, 4, 3), 255, np.uint8), "boxes": np.zeros((0, 4), np.float32),
                 "labels": np.zeros(0, np.int64), "iscrowd": np.zeros(0, bool), "difficult": np.zeros(0, bool)})
-    assert torch.allclose(out["image"], torch.ones(3, 4, 4))
+    assert out["image"].dtype == torch.uint8
+    assert torch.allclose(lite.normalize(out["image"][None]), torch.ones(1, 3, 4, 4))
 
 
 def test_collate_pads_and_keeps_targets(shapes_dir):
     ds = build_dataset(shapes_cfg(shapes_dir))
-    ds.transform = build_pipeline("val", image_size=70, mean=MEAN, std=STD, train=False)
+    ds.transform = build_pipeline("val", image_size=70, train=False)
     batch = Collate(32)([ds[0], ds[1], {"skipped": "x.jpg: cannot decode image"}])
     assert batch["images"].shape == (2, 3, 96, 96)  # 70 rounded up to a multiple of 32
     assert batch["image_sizes"] == [(70, 70), (70, 70)] and batch["skipped"] == ["x.jpg: cannot decode image"]
@@ -130,13 +134,13 @@ def test_datamodule_from_config(shapes_dir, tmp_path):
         "data.image_size=64", "data.batch_size=4", "data.num_workers=0", "data.aspect_ratio_grouping=true",
         "model.head.name=mask_rcnn",
     ])
-    dm = DetDataModule(cfg)
+    dm = build_datamodule(cfg)  # instance masks decoded: the head's traits ask for them
     dm.setup("fit")
     assert dm.classes == ["circle", "square", "triangle", "star"] and dm.with_masks
     batch = next(iter(dm.train_dataloader()))
     assert batch["images"].shape == (4, 3, 64, 64) and "masks" in batch["targets"][0]
-    assert batch["images"].dtype == torch.uint8  # normalised on the device by dm.normalizer
-    x = dm.normalizer(batch["images"])
+    assert batch["images"].dtype == torch.uint8  # normalised on the device by the model
+    x = build_model(cfg).normalize(batch["images"])
     expected = (batch["images"].float() / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
     torch.testing.assert_close(x, expected)
     val = next(iter(dm.val_dataloader()))

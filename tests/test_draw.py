@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detkit.inference.draw import LEGEND_ROW, colour, draw_detections, draw_semantic
+from detkit.utils.draw import LEGEND_ROW, colour, draw_detections, draw_semantic
 
 
 def test_colours_stay_distinct_for_many_classes():

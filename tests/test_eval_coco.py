@@ -23,7 +23,7 @@ from detkit.evaluation import (
     load_predictions,
     score_predictions,
 )
-from detkit.evaluation.coco import STAT_NAMES
+from detkit.evaluation.metrics import COCO_STATS as STAT_NAMES
 
 ROOT = ("datasets", "coco128")
 

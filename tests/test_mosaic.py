@@ -10,9 +10,9 @@ import torch
 from conftest import shapes_cfg
 from detkit.config import load_config
 from detkit.data.build import build_dataset
-from detkit.data.datamodule import DetDataModule
 from detkit.data.dataset import DetectionDataset, Record
 from detkit.data.transforms import PAD_VALUE, build_pipeline
+from detkit.engine.run import build_datamodule
 from detkit.errors import ConfigError, DataError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -89,8 +89,7 @@ class Rectangles(DetectionDataset):
 
 def mosaic(size=96, *more, **args):
     spec = [{"name": "Mosaic", "p": 1.0, **args}, *more]
-    return build_pipeline(spec, image_size=size, mean=MEAN, std=STD, train=True, normalize=False,
-                          min_visibility=0.0)
+    return build_pipeline(spec, image_size=size, train=True, min_visibility=0.0)
 
 
 def inner(box):
@@ -113,9 +112,9 @@ def test_config_defaults_and_extra_samples():
     assert pipe.extra_samples == 2 and pipe.mosaics[0].target_size == (60, 90) and pipe.mosaics[0].fill == 0
     assert pipe.mosaics[0].cell_shape == (60, 90)  # cells follow a given target size
     nested = build_pipeline([{"name": "OneOf", "transforms": [{"name": "Mosaic"}, {"name": "Blur"}]}],
-                            image_size=64, mean=MEAN, std=STD, train=True)
+                            image_size=64, train=True)
     assert nested.extra_samples == 3 and nested.mosaics[0].target_size == (64, 64)
-    assert build_pipeline("train", image_size=64, mean=MEAN, std=STD, train=True).extra_samples == 0
+    assert build_pipeline("train", image_size=64, train=True).extra_samples == 0
 
 
 def test_bad_mosaic_arguments_are_one_line_config_errors():
@@ -123,7 +122,7 @@ def test_bad_mosaic_arguments_are_one_line_config_errors():
                       ({"grid_yx": 2}, "grid_yx"), ({"fit_mode": "stretch"}, "fit_mode"),
                       ({"fill_mask": 3}, "fill_mask must be 0")]:
         with pytest.raises(ConfigError, match=r"data.transforms\[0\]: bad arguments for Mosaic") as e:
-            build_pipeline([{"name": "Mosaic", **bad}], image_size=64, mean=MEAN, std=STD, train=True)
+            build_pipeline([{"name": "Mosaic", **bad}], image_size=64, train=True)
         assert what in str(e.value) and "\n" not in str(e.value)
 
 
@@ -256,7 +255,7 @@ def test_extras_are_other_readable_images_and_reproducible():
 
 def test_mosaic_with_p_below_one_keeps_the_plain_sample_consistent():
     ds = Rectangles(n=6, per_image=(1, 3))
-    ds.transform = build_pipeline([{"name": "Mosaic", "p": 0.5}], image_size=64, mean=MEAN, std=STD, train=True)
+    ds.transform = build_pipeline([{"name": "Mosaic", "p": 0.5}], image_size=64, train=True)
     ds.transform.reseed(3)
     flags = []
     for i in list(range(len(ds))) * 2:
@@ -272,7 +271,7 @@ def test_mosaic_with_p_below_one_keeps_the_plain_sample_consistent():
 
 def test_pipelines_without_mosaic_ignore_extras():
     ds = Rectangles(n=3, per_image=(1, 2))
-    ds.transform = build_pipeline("val", image_size=64, mean=MEAN, std=STD, train=False)
+    ds.transform = build_pipeline("val", image_size=64, train=False)
     ds[0]
     assert ds.loaded == [0] and "mosaic" not in ds[1]
 
@@ -284,7 +283,7 @@ def test_datamodule_builds_a_mosaic_config(shapes_dir):
         "data.image_size=64", "data.batch_size=4", "data.num_workers=0", "model.head.name=mask_rcnn",
         "data.transforms.train=[{name: Mosaic, p: 1.0}, {name: HorizontalFlip, p: 0.5}]",
     ])
-    dm = DetDataModule(cfg)
+    dm = build_datamodule(cfg)
     dm.setup("fit")
     assert dm.datasets["train"].transform.extra_samples == 3
 

@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from detkit.engine.callbacks import write_json
 from detkit.errors import ConfigError
+from detkit.utils.io import write_json
 
 log = logging.getLogger(__name__)
 RESULT = "result.json"
@@ -205,8 +205,8 @@ def measure_model(run_dir: Path, cfg: Any, latency: bool = True, repeats: int = 
     predictor = Predictor.from_checkpoint(run_dir, batch_size=1, fast=True)
     image = reference_image(cfg)
     batch = predictor.collate([predictor.sample(image, 0)])
-    images = predictor.module.normalizer(batch["images"])
-    model = predictor.module.model
+    model = predictor.source  # the model as trained (the Predictor times its optimised copy)
+    images = model.normalize(batch["images"])
     whole = count_complexity(model, inputs=images).as_dict()
     backbone = count_complexity(model.backbone, inputs=images).as_dict()
     record: dict[str, Any] = {"input_size": list(images.shape[-2:]),

@@ -7,7 +7,8 @@ names reach any timm model with ``features_only``.
 from detkit.backbones import resnet, regnet, efficientnet, mobilenet  # noqa: F401, I001  (registration order = table order)
 from detkit.backbones.base import Backbone
 from detkit.backbones.registry import (
-    REGISTRY,
+    BACKBONES,
+    BackboneContract,
     BackboneSpec,
     build_backbone,
     build_classifier,
@@ -17,7 +18,8 @@ from detkit.backbones.registry import (
 )
 
 __all__ = [
-    "REGISTRY",
+    "BACKBONES",
+    "BackboneContract",
     "Backbone",
     "BackboneSpec",
     "build_backbone",

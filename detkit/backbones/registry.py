@@ -1,27 +1,27 @@
-"""Backbone registry and the builder that maps ``model.backbone`` onto a :class:`~detkit.backbones.base.Backbone`.
+"""The backbone registry, the backbone contract, and the builder that maps ``model.backbone`` onto a backbone.
 
-Each family module registers a :class:`BackboneSpec` per name: how to build the family's ImageNet
-classification network, how to split it into levels, and which submodules form its classifier head.
-``timm:<model>`` names are handled by :mod:`detkit.backbones.timm_backbone`.
+Each family module registers a :class:`BackboneSpec` per name in :data:`BACKBONES`: how to build the family's
+ImageNet classification network, how to split it into levels, and which submodules form its classifier head.
+``timm:<model>`` names (a registry prefix) are handled by :mod:`detkit.backbones.timm_backbone`.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from torch import Tensor, nn
 
 from detkit.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, LevelPlan
 from detkit.backbones.pretrained import fetch_named, load_into, looks_like_path, read_state_dict
 from detkit.backbones.timm_backbone import PREFIX as TIMM_PREFIX
 from detkit.config.schema import BackboneConfig
 from detkit.errors import ConfigError, PretrainedError
+from detkit.utils.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -36,34 +36,44 @@ class BackboneSpec:
     preset: bool = True  # a fixed network (listed by `detkit backbones`), not a parametric family
 
 
-REGISTRY: dict[str, BackboneSpec] = {}
+class BackboneContract(Protocol):
+    """The backbone contract: ``forward(x[B, 3, H, W]) -> OrderedDict[level -> B x C x h x w]`` for its
+    ``out_levels`` (``c_k`` has stride ``2**k``, fine to coarse), with ``out_channels`` and ``strides`` (dicts keyed
+    by level) and ``mean``/``std`` (the input normalisation its weights expect, RGB in [0, 1]) known at
+    construction, before any forward pass."""
+
+    out_channels: dict[str, int]
+    strides: dict[str, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]: ...
+
+
+BACKBONES: Registry = Registry("backbone", "model.backbone.name", contract=BackboneContract,
+                               hint="see `detkit backbones`")
+BACKBONES.register_prefix(TIMM_PREFIX, "detkit.backbones.timm_backbone:build_timm_backbone")
 
 
 def register(spec: BackboneSpec) -> BackboneSpec:
-    if spec.name in REGISTRY:
-        raise ValueError(f"backbone {spec.name!r} registered twice")
-    REGISTRY[spec.name] = spec
-    return spec
+    return BACKBONES.register(spec.name, spec)
 
 
 def list_backbones(presets_only: bool = True) -> list[str]:
-    return [n for n, s in REGISTRY.items() if s.preset or not presets_only]
+    return BACKBONES.names(lambda e: e.target.preset or not presets_only)
 
 
 def get_spec(name: str) -> BackboneSpec:
-    if name not in REGISTRY:
-        close = difflib.get_close_matches(name, list(REGISTRY), n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(
-            f"model.backbone.name = {name!r}: unknown backbone ({hint}see `detkit backbones`, or use "
-            f"'timm:<model>' for any timm model)"
-        )
-    return REGISTRY[name]
+    if name.startswith(TIMM_PREFIX):
+        raise ConfigError(f"model.backbone.name = {name!r}: timm backbones have no spec")
+    return BACKBONES.get(name)
 
 
 def _as_config(cfg: BackboneConfig | DictConfig | Mapping | str | None, overrides: Mapping[str, Any]) -> DictConfig:
     from detkit.config.loader import validate
 
+    if isinstance(cfg, DictConfig) and not overrides and OmegaConf.get_type(cfg) is BackboneConfig:
+        return cfg  # a node of a config the loader has validated already: not again
     if cfg is None or isinstance(cfg, str):
         data: dict[str, Any] = {"name": cfg or BackboneConfig.name}
     elif isinstance(cfg, DictConfig):
@@ -83,9 +93,7 @@ def build_backbone(cfg: BackboneConfig | DictConfig | Mapping | str | None = Non
     """
     cfg = _as_config(cfg, overrides)
     if cfg.name.startswith(TIMM_PREFIX):
-        from detkit.backbones.timm_backbone import build_timm_backbone
-
-        return build_timm_backbone(cfg)
+        return BACKBONES.check(cfg.name, BACKBONES.get(cfg.name)(cfg))
     spec = get_spec(cfg.name)
     network = _build_network(spec, cfg, 1000)
     backbone = Backbone(
@@ -104,7 +112,7 @@ def build_backbone(cfg: BackboneConfig | DictConfig | Mapping | str | None = Non
         state, source = _pretrained_state(spec, cfg.pretrained)
         dropped = tuple(f"{n}." for n in backbone.dropped)
         load_into(backbone.network, state, source=source, name=cfg.name, ignored_prefixes=dropped)
-    return backbone
+    return BACKBONES.check(cfg.name, backbone)
 
 
 def _pretrained_state(spec: BackboneSpec, pretrained: str) -> tuple[dict, str]:

@@ -3,7 +3,9 @@
 Every key a config may set is declared here, with its type and default. The dataclasses map onto
 constructor arguments of the parts they configure (``model.backbone`` -> :func:`detkit.backbones.build_backbone`,
 ``model.neck`` -> :func:`detkit.necks.build_neck`, ...). Keys whose value must be one of a few words carry
-``choices`` metadata, checked after loading (see :mod:`detkit.config.loader`).
+``choices`` metadata, checked after loading (see :mod:`detkit.config.loader`). The names of parts
+(``model.backbone.name``, ``model.neck.name``, ``model.head.name``) are not listed here: each is checked against its
+registry (``detkit.models.check_model_config``), the one place that knows them.
 
 Sections that pass arguments through to a library (``model.backbone.kwargs`` for timm, ``trainer.extra``
 for Lightning) are free-form dicts.
@@ -75,7 +77,7 @@ class BackboneConfig:
 
 @dataclass
 class NeckConfig:
-    name: str = choice("fpn", "fpn", "pan", "none")
+    name: str = "fpn"  # a name in detkit.necks.NECKS, or none
     out_channels: int = 256
     levels: list[str] = field(default_factory=lambda: ["p3", "p4", "p5", "p6", "p7"])
     extra_from: str = choice("fpn", "fpn", "backbone")
@@ -84,7 +86,7 @@ class NeckConfig:
 
 @dataclass
 class HeadConfig:
-    name: str = choice("faster_rcnn", "faster_rcnn", "mask_rcnn", "yolo", "ssd", "unet")
+    name: str = "faster_rcnn"  # a name in detkit.heads.HEADS
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -132,7 +134,7 @@ class DataConfig:
     min_visibility: float = 0.3  # train: boxes keeping less of their area after a crop are dropped
     aspect_ratio_grouping: bool = False
     size_divisor: int = 32  # batches are padded to a multiple of this
-    with_masks: bool | None = None  # decode instance masks (default: when the head needs them)
+    with_masks: bool | None = None  # decode instance masks (default: when the head's traits ask for them)
     generate: str | None = choice(None, None, "shapes")  # make the dataset at ../.. of train.annotations if absent
 
 

@@ -13,25 +13,7 @@ from torch.utils.data import DataLoader, Sampler
 from detkit.data.build import build_dataset
 from detkit.data.collate import Collate
 from detkit.data.dataset import DetectionDataset
-from detkit.data.transforms import Normalizer, build_pipeline
-
-MASK_HEADS = ("mask_rcnn",)
-
-
-def backbone_normalization(backbone_cfg: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The mean/std the configured backbone's weights expect (built on the meta device: no cost)."""
-    from omegaconf import OmegaConf
-
-    from detkit.backbones import build_backbone
-
-    if OmegaConf.is_config(backbone_cfg):
-        data = OmegaConf.to_container(backbone_cfg, resolve=True)
-    else:
-        data = dict(backbone_cfg)
-    data["pretrained"] = None  # normalisation is a property of the architecture's weights family, not the file
-    with torch.device("meta"):
-        backbone = build_backbone(data)
-    return tuple(backbone.mean), tuple(backbone.std)
+from detkit.data.transforms import pipeline_from_config
 
 
 def aspect_groups(dataset: DetectionDataset) -> np.ndarray:
@@ -111,34 +93,23 @@ def seed_worker(worker_id: int) -> None:
 class DetDataModule(L.LightningDataModule):
     """Datasets of ``data.train/val/test`` with their pipelines; ``classes`` from the train set.
 
-    Batches hold uint8 images (4x less to copy from the workers); ``normalizer`` (the backbone's mean/std)
-    turns them into the float input of the model on its device.
+    Batches hold uint8 images (4x less to copy from the workers); the model normalises them on its device.
+    ``with_masks``: decode instance masks (default ``data.with_masks``; the engine passes what the head's traits
+    ask for when that is unset).
     """
 
-    def __init__(self, cfg: Any, mean: tuple | None = None, std: tuple | None = None,
-                 with_masks: bool | None = None) -> None:
+    def __init__(self, cfg: Any, with_masks: bool | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        if mean is None or std is None:
-            mean, std = backbone_normalization(cfg.model.backbone)
-        self.mean, self.std = mean, std
-        if with_masks is None:
-            with_masks = cfg.data.with_masks if cfg.data.with_masks is not None else cfg.model.head.name in MASK_HEADS
-        self.with_masks = bool(with_masks)
-        self.normalizer = Normalizer(mean, std)  # batches are uint8: normalise them on the device with this
+        self.with_masks = bool(cfg.data.with_masks if with_masks is None else with_masks)
         self.datasets: dict[str, DetectionDataset] = {}
         self.collate = Collate(cfg.data.size_divisor)
         self.samplers: dict[str, Sampler | None] = {}
 
     def dataset(self, split: str) -> DetectionDataset | None:
         if split not in self.datasets and self.cfg.data[split].format is not None:
-            d = self.cfg.data
-            train = split == "train"
-            pipeline = build_pipeline(d.transforms.train if train else d.transforms.val, image_size=d.image_size,
-                                      mean=self.mean, std=self.std, train=train, resize=d.resize,
-                                      min_visibility=d.min_visibility, normalize=False,
-                                      where=f"data.transforms.{'train' if train else 'val'}")
-            self.datasets[split] = build_dataset(d[split], transform=pipeline, with_masks=self.with_masks,
+            pipeline = pipeline_from_config(self.cfg.data, train=split == "train")
+            self.datasets[split] = build_dataset(self.cfg.data[split], transform=pipeline, with_masks=self.with_masks,
                                                  key=f"data.{split}")
         return self.datasets.get(split)
 

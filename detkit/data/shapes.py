@@ -16,6 +16,7 @@ and JPEG compression. Everything follows from ``seed``: the same seed writes the
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -23,10 +24,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from detkit.errors import DataError
+from detkit.errors import ConfigError, DataError
 
 CLASSES = ("circle", "square", "triangle", "star")
 SPLITS = {"train": 0, "val": 1}
+log = logging.getLogger(__name__)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -152,3 +154,17 @@ def _dataset_yaml(out: Path, image_size: int) -> str:
         lines += [f"  {split}:", "    format: coco", f"    images: {out / 'images' / split}",
                   f"    annotations: {out / 'annotations' / f'instances_{split}.json'}"]
     return "\n".join(lines) + "\n"
+
+
+def ensure_shapes(data) -> None:
+    """``data.generate: shapes`` makes the shapes dataset (at ``../..`` of ``data.train.annotations``) when its
+    train annotations are absent; any other ``data.generate`` does nothing."""
+    if data.generate != "shapes":
+        return
+    ann = data.train.annotations
+    if not ann:
+        raise ConfigError("data.generate = shapes needs data.train.annotations (…/annotations/instances_train.json)")
+    if not Path(ann).exists():
+        root = Path(ann).parent.parent
+        log.warning("generating the shapes dataset in %s (data.generate = shapes)", root)
+        make_shapes(root)

@@ -8,13 +8,7 @@ import numpy as np
 
 from detkit.data.dataset import DetectionDataset
 from detkit.data.transforms import Pipeline
-from detkit.inference.draw import draw_detections, draw_semantic
-
-
-def denormalize(image, mean, std) -> np.ndarray:
-    """A normalized 3 x H x W tensor back to H x W x 3 uint8."""
-    arr = image.numpy().transpose(1, 2, 0) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
-    return np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8)
+from detkit.utils.draw import draw_detections, draw_semantic
 
 
 def show_samples(dataset: DetectionDataset, pipeline: Pipeline, out: str | Path, n: int = 16,
@@ -24,13 +18,12 @@ def show_samples(dataset: DetectionDataset, pipeline: Pipeline, out: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     indices = rng.choice(len(dataset), size=min(n, len(dataset)), replace=False)
-    mean, std = pipeline.mean / 255.0, pipeline.std / 255.0
     written = []
     pipeline.reseed(seed)
     for i in indices:  # a mosaic step draws its other images from the dataset, as in training
         extras = dataset.load_extras(int(i), pipeline.extra_samples, pipeline.rng) if pipeline.extra_samples else None
         sample = pipeline(dataset.load(int(i)), extras)
-        image = denormalize(sample["image"], mean, std)
+        image = np.ascontiguousarray(sample["image"].permute(1, 2, 0).numpy())  # uint8 H x W x 3
         if "semantic" in sample:
             drawn = draw_semantic(image, sample["semantic"].numpy(), dataset.classes)
         else:

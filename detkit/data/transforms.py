@@ -9,13 +9,13 @@
 - ``val``: ``letterbox`` (longest side S, aspect kept; the batch is padded later) or ``stretch`` (SxS).
 - ``none``: nothing.
 
-Every pipeline ends with conversion to tensors and normalisation by the *backbone's* mean/std, or, with
-``normalize=False`` (what the DataModule uses), uint8 tensors that :class:`Normalizer` normalises on the
-training device: 4x less data crosses from the loader workers. Each sample records ``scale = (sx, sy)``, the
-factors from original to network pixels, so that predictions map back with ``x / sx``. Boxes are clipped to the
-image; boxes that become degenerate are dropped and counted in ``boxes_dropped``. Evaluation pipelines
-(``train=False``) also keep a sample's untransformed semantic map as ``semantic_orig``: semantic metrics are
-computed at the original resolution.
+Every pipeline ends with conversion to ``3 x H x W`` uint8 tensors: the model normalises them itself, on its
+device (:meth:`detkit.models.Model.preprocess`), so 4x less data crosses from the loader workers. Each sample
+records ``scale = (sx, sy)``, the factors from original to network pixels, so that predictions map back with
+``x / sx``. Boxes are clipped to the image; boxes that become degenerate are dropped and counted in
+``boxes_dropped``. Evaluation pipelines (``train=False``) also keep a sample's untransformed semantic map as
+``semantic_orig``: semantic metrics are computed at the original resolution. :func:`pipeline_from_config` builds
+the train or validation pipeline of a config (the data module, ``data show`` and the Predictor use it).
 
 Mosaic
 ------
@@ -153,17 +153,12 @@ def _plain(value: Any) -> Any:
 
 
 class Pipeline:
-    """A sample -> sample callable: albumentations transforms, then normalisation and tensors."""
+    """A sample -> sample callable: albumentations transforms, then tensors (images uint8)."""
 
-    def __init__(self, transforms: Sequence[A.BasicTransform], mean: Sequence[float], std: Sequence[float],
-                 min_visibility: float = 0.0, normalize: bool = True, keep_original: bool = False) -> None:
+    def __init__(self, transforms: Sequence[A.BasicTransform], min_visibility: float = 0.0,
+                 keep_original: bool = False) -> None:
         self.transforms = list(transforms)
-        self.normalize = normalize
         self.keep_original = keep_original  # eval: semantic maps are scored at the original resolution
-        self.mean = np.asarray(mean, np.float32) * 255.0
-        self.std = np.asarray(std, np.float32) * 255.0
-        self._mean = torch.as_tensor(self.mean).view(3, 1, 1)
-        self._inv_std = (1.0 / torch.as_tensor(self.std)).view(3, 1, 1)
         with warnings.catch_warnings():  # an empty list ("none") has no transform to process boxes: fine
             warnings.filterwarnings("ignore", message="Got processor for bboxes")
             self.mosaics = find_mosaics(self.transforms)
@@ -224,10 +219,9 @@ class Pipeline:
         return result
 
     def _image_tensor(self, img: np.ndarray) -> torch.Tensor:
-        """H x W x 3 -> 3 x H x W (uint8, or normalised with ``normalize``)."""
+        """H x W x 3 -> 3 x H x W uint8."""
         img = np.ascontiguousarray(img) if img.flags.writeable else img.copy()  # albumentations may return views
-        chw = torch.from_numpy(img).permute(2, 0, 1).contiguous()
-        return normalize_images(chw, self._mean, self._inv_std) if self.normalize else chw
+        return torch.from_numpy(img).permute(2, 0, 1).contiguous()
 
     def _call_mosaic(self, sample: dict[str, Any], extras: list[dict[str, Any]]) -> dict[str, Any]:
         """A pipeline with a Mosaic: all samples' instances get distinct ids (their position in the concatenated
@@ -340,27 +334,8 @@ def _assign_layers(items: Sequence[dict[str, Any]], boxes: Sequence[np.ndarray],
     return len(used), np.asarray(table, np.int64).reshape(-1, 2), pieces
 
 
-def normalize_images(images: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[B,] 3 x H x W`` -> float, ``(x - mean) * inv_std`` (mean and 1/std in 0..255 units, 3 x 1 x 1)."""
-    return images.float().sub_(mean.to(images.device)).mul_(inv_std.to(images.device))
-
-
-class Normalizer(torch.nn.Module):
-    """Normalises uint8 image batches on their device (the DataModule ships uint8: 4x less to copy)."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255.0, False)
-        self.register_buffer("inv_std", 1.0 / (torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1) * 255.0),
-                             False)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return images if images.is_floating_point() else normalize_images(images, self.mean, self.inv_std)
-
-
-def build_pipeline(spec: Any, *, image_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
-                   resize: str = "letterbox", min_visibility: float = 0.3, where: str = "data.transforms",
-                   normalize: bool = True) -> Pipeline:
+def build_pipeline(spec: Any, *, image_size: int, train: bool, resize: str = "letterbox", min_visibility: float = 0.3,
+                   where: str = "data.transforms") -> Pipeline:
     """``spec``: a preset name or a list of transform mappings (see the module docstring)."""
     spec = _plain(spec)
     if spec is None:
@@ -376,4 +351,13 @@ def build_pipeline(spec: Any, *, image_size: int, mean: Sequence[float], std: Se
     else:
         raise ConfigError(f"{where}: expected a preset name ({', '.join(PRESETS)}) or a list of transforms, "
                           f"got {spec!r}")
-    return Pipeline(transforms, mean, std, min_visibility if train else 0.0, normalize, keep_original=not train)
+    return Pipeline(transforms, min_visibility if train else 0.0, keep_original=not train)
+
+
+def pipeline_from_config(data: Any, train: bool, image_size: int | None = None) -> Pipeline:
+    """The pipeline of ``data.transforms.train`` (``train``) or ``data.transforms.val`` with the config's
+    ``data.image_size`` (or ``image_size``), ``resize`` and ``min_visibility``: the one builder the data module,
+    ``data show`` and the Predictor share, so prediction resizes exactly as validation does."""
+    split = "train" if train else "val"
+    return build_pipeline(data.transforms[split], image_size=image_size or data.image_size, train=train,
+                          resize=data.resize, min_visibility=data.min_visibility, where=f"data.transforms.{split}")

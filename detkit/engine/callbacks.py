@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from detkit.utils.io import write_json
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -19,16 +20,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(path.name + ".tmp")
         super().save_checkpoint(checkpoint, tmp, storage_options)
         os.replace(tmp, path)
-
-
-def write_json(data: Any, path: str | Path) -> Path:
-    """Written atomically (``<file>.tmp`` renamed over ``<file>``): an interrupted write never truncates it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
-    os.replace(tmp, path)
-    return path
 
 
 def write_metrics(metrics: dict[str, Any], path: str | Path) -> Path:

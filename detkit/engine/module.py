@@ -1,10 +1,9 @@
 """The LightningModule: one training/validation step for every model built by ``build_model``.
 
-Batches arrive as uint8 images (see :class:`~detkit.data.datamodule.DetDataModule`) and are normalised on the
-device by the backbone's mean/std. Validation predictions go, in original image pixels, to a
-:class:`~detkit.evaluation.DetectionEvaluator` (detectors) or a :class:`~detkit.evaluation.SemanticEvaluator`
-(segmenters: confusion matrices against the original-resolution label maps) over the whole validation set,
-gathered across processes.
+Batches arrive as uint8 images (see :class:`~detkit.data.datamodule.DetDataModule`); the model normalises them
+itself (:meth:`detkit.models.Model.losses` / :meth:`~detkit.models.Model.predict`). Validation predictions, in
+original image pixels, go to the evaluator of the head's task (:func:`detkit.evaluation.build_evaluator`) over the
+whole validation set, gathered across processes.
 """
 
 from __future__ import annotations
@@ -19,10 +18,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from detkit.data.datamodule import MASK_HEADS
-from detkit.data.transforms import Normalizer
+from detkit.config.loader import validate
+from detkit.config.schema import Config
 from detkit.engine.optim import build_optimizer, build_scheduler
 from detkit.errors import ConfigError, DataError, TrainingError
+from detkit.evaluation.metrics import build_evaluator
 from detkit.models import build_model
 
 log = logging.getLogger(__name__)
@@ -39,37 +39,28 @@ class DetectionModule(L.LightningModule):
     def __init__(self, config: dict | DictConfig, classes: list[str] | None = None,
                  cat_ids: list[Any] | None = None) -> None:
         super().__init__()
-        if isinstance(config, DictConfig):
-            config = OmegaConf.to_container(config, resolve=True)
+        typed = isinstance(config, DictConfig) and OmegaConf.get_type(config) is Config
+        container = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
         cat_ids = [c.item() if hasattr(c, "item") else c for c in (cat_ids or [])]
-        self.save_hyperparameters({"config": config, "classes": list(classes or []), "cat_ids": cat_ids})
-        self.cfg = OmegaConf.create(config)
+        self.save_hyperparameters({"config": container, "classes": list(classes or []), "cat_ids": cat_ids})
+        self.cfg = config if typed else validate(container)  # a loaded config is not validated twice
         self.classes = list(classes or [])
         self.model = build_model(self.cfg)
-        self.task = getattr(self.model, "task", "detection")  # "detection" or "semantic"
-        self.normalizer = Normalizer(self.model.backbone.mean, self.model.backbone.std)
+        self.model.classes, self.model.cat_ids = self.classes, cat_ids
         self.evaluator = None
         self.metrics: dict[str, Any] = {}
         self.validated_step = -1  # the global step of the last full validation
         self.skipped = 0
 
     @property
-    def iou_types(self) -> tuple[str, ...]:
-        return ("bbox", "segm") if self.cfg.model.head.name in MASK_HEADS else ("bbox",)
+    def task(self) -> str:
+        return self.model.task
 
     # ------------------------------------------------------------------------------------------ setup
     def attach_evaluator(self, dataset) -> None:
         """Score validation predictions against ``dataset``'s ground truth (all its images)."""
-        from detkit.evaluation import DetectionEvaluator, SemanticEvaluator, dataset_to_coco
-
         self.check_task(dataset, "data.val")
-        if self.task == "semantic":
-            self.evaluator = SemanticEvaluator(int(self.cfg.model.num_classes), class_names=list(dataset.classes))
-            return
-        e = self.cfg.eval
-        self.evaluator = DetectionEvaluator(dataset_to_coco(dataset, with_masks="segm" in self.iou_types),
-                                            metrics=tuple(e.metrics), iou_types=self.iou_types, backend=e.backend,
-                                            class_names=list(dataset.classes))
+        self.evaluator = build_evaluator(dataset, self.cfg.eval, self.model.traits, int(self.cfg.model.num_classes))
 
     def check_task(self, dataset, key: str) -> None:
         """The model's classes and task fit ``dataset``'s (a semantic model needs label maps, a detector boxes): one
@@ -81,10 +72,10 @@ class DetectionModule(L.LightningModule):
             names = ", ".join(map(str, dataset.classes[:5])) + (", ..." if len(dataset.classes) > 5 else "")
             raise ConfigError(f"model.num_classes = {k}, and {key} ({dataset.name}) has {len(dataset.classes)} "
                               f"classes ({names}): set model.num_classes={len(dataset.classes)}")
-        if self.task == "semantic" and task != "semantic":
+        if self.model.traits.semantic and task != "semantic":
             raise DataError(f"model.head.name = {head} needs semantic label maps, and {key} ({dataset.name}) is a "
                             f"{task} dataset: use format masks, or a detection head")
-        if self.task != "semantic" and task == "semantic":
+        if not self.model.traits.semantic and task == "semantic":
             raise DataError(f"model.head.name = {head} needs boxes, and {key} ({dataset.name}) holds semantic label "
                             f"maps only: use model.head.name=unet (or a detection dataset)")
 
@@ -114,14 +105,7 @@ class DetectionModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self._count_skipped(batch)
-        images = self.normalizer(batch["images"])
-        if self.task == "semantic":
-            if "semantic" not in batch:
-                raise DataError("this batch has no semantic label maps (model.head.name = unet needs a masks dataset)")
-            targets = batch["semantic"].to(images.device)
-        else:
-            targets = batch["targets"]
-        losses = self.model(images, targets, batch["image_sizes"])
+        losses = self.model.losses(batch)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
@@ -142,27 +126,13 @@ class DetectionModule(L.LightningModule):
         if self.evaluator is not None:
             self.evaluator.reset()
 
-    def predict_batch(self, batch: dict[str, Any], model: torch.nn.Module | None = None
-                      ) -> list[dict[str, torch.Tensor]]:
-        """Predictions in original pixels, by ``model`` (default: this module's; the Predictor passes its
-        optimised copy)."""
-        targets = batch["targets"]
-        return (model or self.model)(self.normalizer(batch["images"]), image_sizes=batch["image_sizes"],
-                          scales=[t.get("scale") for t in targets] if targets and "scale" in targets[0] else None,
-                          orig_sizes=[t["orig_size"] for t in targets] if targets else None)
-
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._count_skipped(batch)
         if not batch["targets"]:
             return
-        predictions = self.predict_batch(batch)
-        if self.evaluator is not None and self.task == "semantic":
-            self.evaluator.update([p["semantic"].cpu() for p in predictions],
-                                  [t["semantic_orig"] for t in batch["targets"]],
-                                  [int(t["image_id"]) for t in batch["targets"]])
-        elif self.evaluator is not None:
-            self.evaluator.update([{k: v.detach().cpu() for k, v in p.items()} for p in predictions],
-                                  [int(t["image_id"]) for t in batch["targets"]])
+        predictions = self.model.predict(batch)
+        if self.evaluator is not None:
+            self.evaluator.add_batch(predictions, batch["targets"])
 
     def on_validation_epoch_end(self) -> None:
         if self.evaluator is None or self.trainer.sanity_checking:

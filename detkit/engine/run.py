@@ -8,7 +8,6 @@ and, after ``detkit eval``, ``pr_curves/`` (detectors) or ``confusion_matrix.png
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 from pathlib import Path
@@ -20,12 +19,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from detkit.config import load_config
 from detkit.config.loader import to_yaml
+from detkit.data.shapes import ensure_shapes
 from detkit.errors import ConfigError
+from detkit.evaluation.metrics import check_eval_config
+from detkit.heads.registry import head_traits
+from detkit.models.build import check_model_config
+from detkit.models.load import load_weights, read_checkpoint, resolve_checkpoint, run_dir_of
+from detkit.utils.io import write_json, write_text
 
 log = logging.getLogger(__name__)
 RUN_DIR_ENV = "DETKIT_RUN_DIR"  # set by the launching process, so DDP workers write into the same run directory
-SEMANTIC_STATS = ("mIoU", "pixel_acc", "mean_class_acc", "dice")
-COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 DETKIT_TRAINER_KEYS = {"max_epochs", "gradient_clip_val", "callbacks", "logger", "plugins", "default_root_dir",
                        "enable_checkpointing"}
 
@@ -46,26 +49,14 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return kwargs
 
 
-def ensure_data(cfg: DictConfig) -> None:
-    """``data.generate: shapes`` makes the shapes dataset when its train annotations are absent."""
-    if cfg.data.generate != "shapes":
-        return
-    ann = cfg.data.train.annotations
-    if not ann:
-        raise ConfigError("data.generate = shapes needs data.train.annotations (…/annotations/instances_train.json)")
-    if not Path(ann).exists():
-        from detkit.data.shapes import make_shapes
-
-        root = Path(ann).parent.parent
-        log.warning("generating the shapes dataset in %s (data.generate = shapes)", root)
-        make_shapes(root)
-
-
 def build_datamodule(cfg: DictConfig):
+    """The data module of ``cfg`` (the shapes set made first when ``data.generate: shapes`` asks for it), decoding
+    instance masks when ``data.with_masks`` says so or, unset, when the head's traits ask for them."""
     from detkit.data.datamodule import DetDataModule
 
-    ensure_data(cfg)
-    return DetDataModule(cfg)
+    ensure_shapes(cfg.data)
+    with_masks = cfg.data.with_masks if cfg.data.with_masks is not None else head_traits(cfg.model.head.name).masks
+    return DetDataModule(cfg, with_masks=with_masks)
 
 
 def _csv_version(out: Path) -> str:
@@ -118,58 +109,15 @@ def build_trainer(cfg: DictConfig, out: Path, *, fit: bool = True, callbacks: li
                      logger=loggers, plugins=[AtomicCheckpointIO()], default_root_dir=str(out), **kwargs)
 
 
-def check_config(cfg: DictConfig) -> None:
-    """``eval.metrics`` / ``eval.main_metric`` against what the head's task can be scored with."""
-    from detkit.heads import SEMANTIC_HEADS
-
-    metrics = list(cfg.eval.metrics)
-    head = cfg.model.head.name
-    for m in metrics:
-        if m not in ("coco", "voc07", "voc12", "semantic"):
-            raise ConfigError(f"eval.metrics: unknown metric {m!r} (expected coco, voc07, voc12 or semantic)")
-    if head in SEMANTIC_HEADS and metrics != ["semantic"]:
-        raise ConfigError(f"eval.metrics = {metrics}: model.head.name = {head} is scored with [semantic] (mIoU, "
-                          f"pixel_acc, ...); set eval.metrics=[semantic]")
-    if head not in SEMANTIC_HEADS and "semantic" in metrics:
-        raise ConfigError(f"eval.metrics = {metrics}: 'semantic' scores segmenters (model.head.name=unet), "
-                          f"not {head}")
-    main = cfg.eval.main_metric
-    coco = [f"{t}_{s}" for t in ("bbox", "segm") for s in COCO_STATS]
-    known = list(SEMANTIC_STATS) if head in SEMANTIC_HEADS else coco + ["voc07_mAP", "voc12_mAP"]
-    if main not in known:
-        import difflib
-
-        close = difflib.get_close_matches(main, known, n=1, cutoff=0.6)
-        hint = f" (did you mean '{close[0]}'?)" if close else f" (one of: {', '.join(known)})"
-        raise ConfigError(f"eval.main_metric = {main!r}: not a metric detkit computes for {head}{hint}")
-    if head in SEMANTIC_HEADS:
-        return
-    needs = "coco" if main.startswith(("bbox_", "segm_")) else main.split("_")[0]
-    if needs not in metrics:
-        raise ConfigError(f"eval.main_metric = {main}: needs '{needs}' in eval.metrics (has {metrics})")
-    if main.startswith("segm_") and head != "mask_rcnn":
-        raise ConfigError(f"eval.main_metric = {main}: mask AP needs model.head.name = mask_rcnn")
+def check_config(cfg: DictConfig):
+    """Everything about ``cfg`` that can be checked before data is read or a model built: part names against their
+    registries, ``num_classes`` and ``eval.*`` against the head's traits. Returns the head's traits."""
+    traits = check_model_config(cfg)
+    check_eval_config(cfg.eval, traits, cfg.model.head.name)
+    return traits
 
 
 # ----------------------------------------------------------------------------------------------- train
-def resolve_checkpoint(target: str | Path, prefer: str = "last") -> Path:
-    """A checkpoint file, or ``RUN_DIR/checkpoints/<prefer>.ckpt`` (falling back to the other one)."""
-    path = Path(target)
-    if path.is_dir():
-        for name in (prefer, "best" if prefer == "last" else "last"):
-            ckpt = path / "checkpoints" / f"{name}.ckpt"
-            if ckpt.is_file():
-                return ckpt
-        raise ConfigError(f"{path}: no checkpoints/{prefer}.ckpt in this run directory")
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such run directory or checkpoint file")
-    return path
-
-
-def run_dir_of(ckpt: Path) -> Path | None:
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
-
-
 def train(cfg: DictConfig | str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
           resume: str | Path | None = None,
           callbacks: list | None = None) -> Path:
@@ -202,7 +150,7 @@ def train(cfg: DictConfig | str | Path | None, overrides: list[str] | tuple[str,
         trainer = build_trainer(cfg, out, callbacks=callbacks)
         if trainer.is_global_zero:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(to_yaml(cfg))
+            write_text(to_yaml(cfg), out / "config.yaml")
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt is not None else None)
         if module.evaluator is not None and module.validated_step != trainer.global_step and not trainer.interrupted:
             final_validation(trainer, module, dm, out)
@@ -225,26 +173,15 @@ def final_validation(trainer: L.Trainer, module, dm, out: Path) -> None:
 
 # -------------------------------------------------------------------------------------------- evaluate
 def load_checkpoint(path: str | Path, cfg: DictConfig | None = None, map_location: str = "cpu"):
-    """A :class:`DetectionModule` with the weights of ``path`` (its config from the checkpoint unless given)."""
+    """A :class:`DetectionModule` with the weights of ``path`` (its config from the checkpoint unless given); for
+    evaluation. (Prediction and export need no Lightning: :func:`detkit.models.load_model`.)"""
     from detkit.engine.module import DetectionModule
 
-    path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise ConfigError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    hp = ckpt.get("hyper_parameters") or {}
-    if "config" not in hp or "state_dict" not in ckpt:
-        raise ConfigError(f"{path}: not a detkit checkpoint (no config/state_dict inside)")
+    ckpt = read_checkpoint(path, map_location)
+    hp = ckpt["hyper_parameters"]
     module = DetectionModule(cfg if cfg is not None else hp["config"], classes=hp.get("classes"),
                              cat_ids=hp.get("cat_ids"))
-    try:
-        module.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
-        raise ConfigError(f"{path}: the checkpoint does not fit the model of this config "
-                          f"({lines[0][:200] if lines else 'different keys or shapes'}); model.* overrides must "
-                          f"match the run's") from None
+    load_weights(module, ckpt["state_dict"], path)
     return module
 
 
@@ -286,15 +223,12 @@ def evaluate(target: str | Path, checkpoint: str | Path | None = None, overrides
     metrics = module.metrics
     if trainer.is_global_zero:
         write_metrics(metrics, out / "metrics.json")
-        if module.evaluator is not None and module.task == "semantic":
-            if plots:
-                module.evaluator.plot_confusion_matrix(out / "confusion_matrix.png")
-        elif module.evaluator is not None:
+        if module.evaluator is not None and hasattr(module.evaluator, "results"):
             from detkit.evaluation import results_to_dataset_ids
 
             # the scored detections, with the dataset's own image and category ids (COCO results format)
             results = results_to_dataset_ids(module.evaluator.results(), list(dm.dataset("val").cat_ids))
-            (out / "predictions.json").write_text(json.dumps(results))
-            if plots:
-                module.evaluator.plot_pr_curves(out / "pr_curves")
+            write_json(results, out / "predictions.json", indent=None)
+        if module.evaluator is not None and plots:
+            module.evaluator.save_plots(out)
     return metrics, out

@@ -19,12 +19,12 @@ import numpy as np
 
 from detkit.errors import ConfigError, DataError
 from detkit.evaluation.ground_truth import category_names, has_segmentation
+from detkit.evaluation.metrics import COCO_STATS as STAT_NAMES
+from detkit.evaluation.metrics import IOU_TYPES
 
 log = logging.getLogger(__name__)
 
-IOU_TYPES = ("bbox", "segm")
 BACKENDS = ("pycocotools", "faster_coco_eval")
-STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from detkit.errors import ConfigError, DataError
 from detkit.evaluation.coco import CocoReport, check_coco_options, coco_metrics
 from detkit.evaluation.distributed import gather_first_copy
 from detkit.evaluation.ground_truth import category_names, check_ground_truth, has_segmentation
+from detkit.evaluation.metrics import DETECTION_METRICS as METRICS
 from detkit.evaluation.plots import plot_coco_pr, plot_voc_pr
 from detkit.evaluation.predictions import predictions_to_results
 from detkit.evaluation.table import format_table
@@ -31,7 +32,6 @@ from detkit.evaluation.voc import VocReport, voc_metrics
 
 log = logging.getLogger(__name__)
 
-METRICS = ("coco", "voc07", "voc12")
 
 
 class DetectionEvaluator:
@@ -92,6 +92,18 @@ class DetectionEvaluator:
                     raise ValueError(f"image {image_id}: masks are {results[0]['segmentation']['size'][::-1]} (w, h), "
                                      f"the image is {size[::-1]}: masks must be at the original resolution")
                 self._results[image_id] = results
+
+    def add_batch(self, predictions: Sequence[Mapping[str, Any]], targets: Sequence[Mapping[str, Any]]) -> None:
+        """The :class:`~detkit.evaluation.metrics.Evaluator` step: a batch's detections (moved to the CPU) with its
+        targets' ``image_id`` s."""
+        self.update([{k: v.detach().cpu() for k, v in p.items()} for p in predictions],
+                    [int(t["image_id"]) for t in targets])
+
+    def save_plots(self, folder: str | Path) -> Path:
+        """PR curves (overall and per class) into ``folder/pr_curves``."""
+        out = Path(folder) / "pr_curves"
+        self.plot_pr_curves(out)
+        return out
 
     def add_results(self, results: Iterable[Mapping[str, Any]]) -> None:
         """Add COCO results (``image_id, category_id, bbox, score``, optional ``segmentation``), e.g. from

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from detkit.data.to_coco import normalize_segmentation, rle_to_json
 from detkit.errors import DataError
-from detkit.evaluation.ground_truth import normalize_segmentation, rle_to_json
 
 log = logging.getLogger(__name__)
 

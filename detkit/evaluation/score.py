@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from detkit.errors import ConfigError
-from detkit.evaluation.evaluator import METRICS, DetectionEvaluator
+from detkit.evaluation.evaluator import DetectionEvaluator
 from detkit.evaluation.ground_truth import check_ground_truth, has_segmentation, load_ground_truth
+from detkit.evaluation.metrics import DETECTION_METRICS as METRICS
 from detkit.evaluation.predictions import load_predictions
 
 log = logging.getLogger(__name__)

@@ -138,6 +138,16 @@ class SemanticEvaluator:
             cells = np.flatnonzero(flat)
             self._entries[image_id] = (cells.astype(np.int32), flat[cells])
 
+    def add_batch(self, predictions: Sequence[Any], targets: Sequence[Any]) -> None:
+        """The :class:`~detkit.evaluation.metrics.Evaluator` step: a batch's label maps against its targets'
+        original-resolution ``semantic_orig`` maps."""
+        self.update([p["semantic"].cpu() for p in predictions], [t["semantic_orig"] for t in targets],
+                    [int(t["image_id"]) for t in targets])
+
+    def save_plots(self, folder: str | Path) -> Path:
+        """The confusion matrix as ``folder/confusion_matrix.png``."""
+        return self.plot_confusion_matrix(Path(folder) / "confusion_matrix.png")
+
     def gather(self) -> None:
         """Under ``torch.distributed`` with more than one process, share every rank's per-image confusions (call
         it on all ranks), keeping one copy per image (the lowest rank's). A no-op otherwise."""

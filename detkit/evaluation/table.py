@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from detkit.evaluation.coco import IOU_TYPES, STAT_NAMES
+from detkit.evaluation.metrics import COCO_STATS as STAT_NAMES
+from detkit.evaluation.metrics import IOU_TYPES, SEMANTIC_STATS
 
 
 def format_table(metrics: Mapping[str, Any], per_class_title: str = "per-class AP", columns: int | None = None) -> str:
@@ -35,14 +36,11 @@ def format_table(metrics: Mapping[str, Any], per_class_title: str = "per-class A
     return "\n".join(lines)
 
 
-SEMANTIC_SUMMARY = ("mIoU", "pixel_acc", "mean_class_acc", "dice")
-
-
 def format_semantic_table(metrics: Mapping[str, Any], columns: int = 2) -> str:
     """Semantic segmentation metrics (:func:`~detkit.evaluation.semantic.semantic_metrics`): a line of
     ``mIoU``, ``pixel_acc``, ``mean_class_acc`` and ``dice``, then a table of per-class IoU, accuracy and Dice,
     ``columns`` classes a row (``-`` for ``None``)."""
-    lines = ["   ".join(f"{key} {_fmt(metrics.get(key))}" for key in SEMANTIC_SUMMARY)]
+    lines = ["   ".join(f"{key} {_fmt(metrics.get(key))}" for key in SEMANTIC_STATS)]
     iou = metrics.get("per_class") or {}
     acc = metrics.get("per_class_acc") or {}
     dice = metrics.get("per_class_dice") or {}

@@ -41,6 +41,7 @@ from torchvision.ops import box_iou
 from torchvision.ops.misc import Conv2dNormActivation
 
 from detkit.errors import ConfigError
+from detkit.heads.levels import select_levels
 from detkit.heads.params import parse_params
 from detkit.heads.postprocess import Flat, batched_detections, split_per_image
 
@@ -239,16 +240,7 @@ def build_ssd_head(params, channels: dict[str, int], strides: dict[str, int], nu
     p = parse_params(SSDParams, params)
     levels = list(strides)
     has_neck = all(k.startswith("p") for k in levels)
-    in_levels = list(p.in_levels) if p.in_levels is not None else (levels if has_neck else levels[-2:])
-    unknown = [k for k in in_levels if k not in strides]
-    source = "neck" if has_neck else "backbone (model.backbone.out_levels)"
-    if not in_levels or unknown:
-        raise ConfigError(f"{WHERE}.in_levels = {in_levels}: {unknown or 'none'} not among the {source}'s levels "
-                          f"{levels}")
-    ks = [strides[k] for k in in_levels]
-    if any(b <= a for a, b in zip(ks, ks[1:])):
-        raise ConfigError(f"{WHERE}.in_levels = {in_levels}: give distinct levels from fine to coarse "
-                          f"(strides {ks})")
+    in_levels = select_levels("in_levels", p.in_levels, strides, levels if has_neck else levels[-2:])
     extra = list(p.extra_channels) if p.extra_channels is not None else ([] if has_neck else [512, 256, 256, 256])
     n = len(in_levels) + len(extra)
     ratios = _aspect_ratios(p.aspect_ratios, n, in_levels, len(extra))

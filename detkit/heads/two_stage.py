@@ -23,6 +23,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import initLevelMapper
 
 from detkit.errors import ConfigError
+from detkit.heads.levels import select_levels
 from detkit.heads.params import parse_params
 from detkit.heads.roi_pool import MultiScaleRoIPool
 
@@ -93,16 +94,9 @@ def build_two_stage_head(p: TwoStageParams, channels: int, strides: dict[str, in
                          masks: bool = False) -> TwoStageHead:
     """The RPN and RoI heads for a neck with ``channels`` channels at ``strides`` (``{"p_k": 2**k}``)."""
     levels = list(strides)
-    rpn_levels = list(p.rpn_levels or levels)
-    roi_levels = list(p.roi_levels or [k for k in levels if strides[k] <= 32] or levels[:1])
-    for key, chosen in (("rpn_levels", rpn_levels), ("roi_levels", roi_levels)):
-        unknown = [k for k in chosen if k not in strides]
-        if unknown:
-            raise ConfigError(f"model.head.params.{key}: {unknown} not among the neck's levels {levels}")
-        ks = [strides[k] for k in chosen]
-        if not ks or any(b not in (a, 2 * a) for a, b in zip(ks, ks[1:])):  # (torchvision's mobilenet: 32, 32, 64)
-            raise ConfigError(f"model.head.params.{key} = {chosen}: give consecutive levels from fine to coarse "
-                              f"(e.g. {levels})")
+    rpn_levels = select_levels("rpn_levels", p.rpn_levels, strides, levels, rule="consecutive")
+    roi_levels = select_levels("roi_levels", p.roi_levels, strides,
+                               [k for k in levels if strides[k] <= 32] or levels[:1], rule="consecutive")
     check_params(p, masks)
     if p.roi_op not in ("roi_align", "roi_pool"):
         raise ConfigError(f"model.head.params.roi_op = {p.roi_op!r}: expected roi_align or roi_pool")

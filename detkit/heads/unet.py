@@ -25,6 +25,7 @@ from torchvision.ops import Conv2dNormActivation
 
 from detkit.data.dataset import SEMANTIC_IGNORE
 from detkit.errors import ConfigError, DataError
+from detkit.heads.levels import select_levels
 from detkit.heads.params import parse_params
 
 WHERE = "model.head.params"
@@ -204,13 +205,6 @@ def build_unet_head(params, channels: dict[str, int], strides: dict[str, int], n
                           f"{num_classes} non-negative weights")
     if p.decoder_channels is not None and any(int(c) < 1 for c in p.decoder_channels):
         raise ConfigError(f"{WHERE}.decoder_channels = {p.decoder_channels}: widths must be positive")
-    available = list(strides)
-    levels = list(p.levels or available)
-    unknown = [k for k in levels if k not in strides]
-    if unknown:
-        raise ConfigError(f"{WHERE}.levels: {unknown} not among the available levels {available}")
+    levels = select_levels("levels", p.levels, strides, list(strides), rule="multiple")
     ks = [int(strides[k]) for k in levels]
-    if any(b <= a or b % a for a, b in zip(ks, ks[1:])):
-        raise ConfigError(f"{WHERE}.levels = {levels} (strides {ks}): give levels from fine to coarse, each "
-                          f"stride a multiple of the previous one")
     return UNetHead(levels, [int(channels[k]) for k in levels], ks, num_classes, p)

@@ -44,6 +44,7 @@ from torchvision.ops import (
 )
 
 from detkit.errors import ConfigError
+from detkit.heads.levels import select_levels
 from detkit.heads.params import parse_params
 from detkit.heads.postprocess import Flat, batched_detections, split_per_image
 
@@ -318,14 +319,8 @@ def build_yolo_head(params, channels: dict[str, int], strides: dict[str, int], n
     """The registry's builder (see :data:`detkit.heads.HEADS`)."""
     p = parse_params(YoloParams, params)
     check_params(p)
-    available = list(strides)
-    levels = list(p.levels or available[-3:])
-    unknown = [k for k in levels if k not in strides]
-    if unknown:
-        raise ConfigError(f"{WHERE}.levels: {unknown} not among the available levels {available}")
+    levels = select_levels("levels", p.levels, strides, list(strides)[-3:])
     ks = [strides[k] for k in levels]
-    if any(b <= a for a, b in zip(ks, ks[1:])):
-        raise ConfigError(f"{WHERE}.levels = {levels}: give levels from fine to coarse (e.g. {available[-3:]})")
     if p.level_balance is not None and len(p.level_balance) != len(levels):
         raise ConfigError(f"{WHERE}.level_balance has {len(p.level_balance)} weights for {len(levels)} levels")
     anchors = check_anchors(p.anchors if p.anchors is not None else default_anchors(ks), levels)

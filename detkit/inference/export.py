@@ -2,8 +2,8 @@
 
 The exported graph takes ``images``: ``B x 3 x H x W`` float32 RGB in 0..255, already resized the way the run's
 validation pipeline does it (``data.resize`` to ``data.image_size``, padded to a multiple of
-``data.size_divisor``: the size the file was exported at, in its ``.json`` sidecar). Normalisation (the
-backbone's mean/std) is inside the graph. Outputs, in input pixels:
+``data.size_divisor``: the size the file was exported at, in its ``.json`` sidecar). The graph is the model's
+own :meth:`~detkit.models.Model.export_outputs`, normalisation included. Outputs, in input pixels:
 
 - detectors (Faster R-CNN, SSD, YOLO): ``boxes [M, 4]`` (xyxy), ``scores [M]``, ``labels [M]`` (1..K, names in
   the sidecar), ``batch_index [M]`` (the image each detection belongs to), each image's detections in
@@ -11,16 +11,16 @@ backbone's mean/std) is inside the graph. Outputs, in input pixels:
   box, to be pasted into the box as :func:`detkit.heads.paste_masks` does);
 - U-Net: ``logits [B, K, H, W]`` (:meth:`detkit.models.Segmenter.logits`).
 
-BatchNorms are folded into the convolutions first (:mod:`detkit.inference.optimize`). One-stage heads and U-Net
-post-process the whole batch at once (:mod:`detkit.heads.postprocess`), so ``dynamic_batch`` works for them;
-torchvision's RPN and RoI heads loop over the images in Python, which a trace unrolls at the export batch size,
-so two-stage models are exported for a fixed batch (``batch_size``).
+BatchNorms are folded into the convolutions first (:mod:`detkit.inference.optimize`). Heads registered with
+``export: flat`` (one-stage heads) and semantic heads post-process the whole batch at once
+(:mod:`detkit.heads.postprocess`), so ``dynamic_batch`` works for them; ``export: per_image`` heads (torchvision's
+RPN and RoI heads) loop over the images in Python, which a trace unrolls at the export batch size, so they are
+exported for a fixed batch (``batch_size``).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -31,43 +31,31 @@ import torch
 from torch import Tensor, nn
 
 from detkit.errors import ConfigError
+from detkit.utils.io import write_json
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
-TWO_STAGE = ("faster_rcnn", "mask_rcnn")
-DETECTION_OUTPUTS = ["boxes", "scores", "labels", "batch_index"]
 
 
 class ExportModel(nn.Module):
-    """A model as exported: ``images`` (0..255) -> the outputs listed in the module docstring."""
+    """A model as exported: ``images`` (float, 0..255) -> :meth:`~detkit.models.Model.export_outputs`."""
 
-    def __init__(self, model: nn.Module, head_name: str, mean, std) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model, self.head_name = model, head_name
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0, False)
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0, False)
+        self.model = model
 
     @property
     def output_names(self) -> list[str]:
-        if getattr(self.model, "task", "detection") == "semantic":
-            return ["logits"]
-        return DETECTION_OUTPUTS + (["mask_probs"] if self.head_name == "mask_rcnn" else [])
+        return list(self.model.output_names)
+
+    @property
+    def head_name(self) -> str:
+        cfg = self.model.config
+        return str(cfg.model.head.name) if cfg is not None else type(self.model.head).__name__
 
     def forward(self, images: Tensor):
-        x = (images - self.mean) / self.std
-        if getattr(self.model, "task", "detection") == "semantic":
-            return self.model.logits(x)
-        features = self.model.features(x)
-        sizes = [(int(x.shape[-2]), int(x.shape[-1]))] * int(x.shape[0])
-        if self.head_name not in TWO_STAGE:
-            return self.model.head.flat_detections(features, x, sizes)
-        detections, _ = self.model.head(features, x, sizes)
-        out = [torch.cat([d[key] for d in detections]) for key in ("boxes", "scores", "labels")]
-        out.append(torch.cat([torch.full_like(d["labels"], i) for i, d in enumerate(detections)]))
-        if self.head_name == "mask_rcnn":
-            out.append(torch.cat([d["masks"] for d in detections]))
-        return tuple(out)
+        return self.model.export_outputs(images)
 
 
 @dataclass
@@ -89,25 +77,27 @@ class ExportInfo:
     notes: list[str] = field(default_factory=list)
 
 
-def export_model(module, fmt: str, out: str | Path, *, dynamic_batch: bool = False, batch_size: int = 1,
+def export_model(model: Any, fmt: str, out: str | Path, *, dynamic_batch: bool = False, batch_size: int = 1,
                  image_size: int | None = None, opset: int = 17, fold_bn: bool = True) -> ExportInfo:
-    """Export a :class:`detkit.engine.module.DetectionModule` (see the module docstring)."""
+    """Export a model (:func:`detkit.load_model`, or a training module holding one; see the module docstring)."""
+    from detkit.inference.optimize import fold_batch_norms
+    from detkit.inference.predictor import as_model
+
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    cfg = module.cfg
+    source = as_model(model)
+    cfg = source.config
     head = str(cfg.model.head.name)
-    if dynamic_batch and head in TWO_STAGE:
-        raise ConfigError(f"--dynamic-batch: not possible for {head}: torchvision's RPN and RoI heads loop over the "
-                          f"images in Python, which the export unrolls at a fixed batch; use --batch-size N instead")
+    if dynamic_batch and source.traits.export == "per_image":
+        raise ConfigError(f"--dynamic-batch: not possible for {head}: its heads loop over the images in Python "
+                          f"(torchvision's RPN and RoI heads), which the export unrolls at a fixed batch; use "
+                          f"--batch-size N instead")
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: expected at least 1")
     size = _input_size(image_size or int(cfg.data.image_size), int(cfg.data.size_divisor))
-    model = copy.deepcopy(module.model).cpu().eval()
-    from detkit.inference.optimize import fold_batch_norms
-
-    folded = fold_batch_norms(model).folded if fold_bn else 0
-    backbone = model.backbone
-    wrapper = ExportModel(model, head, backbone.mean, backbone.std).eval().requires_grad_(False)
+    copy_ = copy.deepcopy(source).cpu().eval()
+    folded = fold_batch_norms(copy_).folded if fold_bn else 0
+    wrapper = ExportModel(copy_).eval().requires_grad_(False)
     example = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0)) * 255
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -120,12 +110,12 @@ def export_model(module, fmt: str, out: str | Path, *, dynamic_batch: bool = Fal
                 traced = torch.jit.trace(wrapper, (example,), check_trace=False)
             traced.save(str(out))
     info = ExportInfo(
-        file=str(out), format=fmt, head=head, task=getattr(model, "task", "detection"),
+        file=str(out), format=fmt, head=head, task=source.task,
         input_shape=["batch" if dynamic_batch else batch_size, 3, size, size], outputs=wrapper.output_names,
-        classes=list(module.classes), category_ids=list(module.hparams.get("cat_ids") or []),
-        resize=str(cfg.data.resize), mean=list(backbone.mean), std=list(backbone.std), batchnorms_folded=folded,
+        classes=list(source.classes), category_ids=list(source.cat_ids), resize=str(cfg.data.resize),
+        mean=list(source.mean), std=list(source.std), batchnorms_folded=folded,
         notes=["input: float32 RGB 0..255, resized like the run's validation pipeline; outputs in input pixels"])
-    Path(f"{out}.json").write_text(json.dumps(asdict(info), indent=2, default=str))
+    write_json(asdict(info), f"{out}.json")
     return info
 
 

@@ -1,11 +1,11 @@
 """The Python predictor: a checkpoint in, detections in original image pixels out.
 
-``Predictor.from_checkpoint(path)(images)`` takes paths, PIL images, H x W x 3 uint8 arrays or 3 x H x W
-tensors (one or many, any sizes), resizes them with the run's validation pipeline (resizing happens once),
-batches them, and returns per image ``{"boxes", "scores", "labels", "names"[, "masks"]}`` with boxes mapped
-back to the original image; for a segmenter (U-Net) ``{"semantic": H x W class indices 0..K-1 at the original
-size (255 where the winning probability is below ``score_threshold``), "scores": that probability per pixel,
-"names": the classes present}``.
+``Predictor.from_checkpoint(path)(images)`` (or ``Predictor(detkit.load_model(path))``) takes paths, PIL images,
+H x W x 3 uint8 arrays or 3 x H x W tensors (one or many, any sizes), resizes them with the run's validation
+pipeline (resizing happens once), batches them, and returns per image ``{"boxes", "scores", "labels",
+"names"[, "masks"]}`` with boxes mapped back to the original image; for a segmenter (U-Net) ``{"semantic": H x W
+class indices 0..K-1 at the original size (255 where the winning probability is below ``score_threshold``),
+"scores": that probability per pixel, "names": the classes present}``.
 
 ``classes=["a", "b"]`` (or ``"a,b"``) keeps only those classes: other detections are dropped, other pixels of a
 label map become 255 (unlabeled); unknown names are a ``ConfigError``. ``None`` or ``""``: every class.
@@ -27,7 +27,9 @@ import torch
 
 from detkit.data.collate import Collate
 from detkit.data.dataset import IMAGE_SUFFIXES, SEMANTIC_IGNORE, list_images, read_image, to_uint8_rgb
-from detkit.data.transforms import build_pipeline
+from detkit.data.transforms import pipeline_from_config
+from detkit.errors import ConfigError, DataError
+from detkit.models import Model, load_model
 
 
 def to_rgb_array(image: Any) -> np.ndarray:
@@ -47,47 +49,54 @@ def to_rgb_array(image: Any) -> np.ndarray:
     return to_uint8_rgb(np.asarray(image), "image")
 
 
-class Predictor:
-    """Runs a trained detection module over images (see the module docstring)."""
+def as_model(obj: Any) -> Model:
+    """A :class:`~detkit.models.Model`, or the model an engine module (``.model``) holds."""
+    model = obj if isinstance(obj, Model) else getattr(obj, "model", None)
+    if not isinstance(model, Model):
+        raise TypeError(f"expected a detkit model (detkit.load_model) or a module holding one, "
+                        f"got {type(obj).__name__}")
+    return model
 
-    def __init__(self, module, device: str | torch.device = "cpu", batch_size: int = 4,
+
+class Predictor:
+    """Runs a trained model over images (see the module docstring). ``model``: a :class:`~detkit.models.Model` with
+    its ``config`` and ``classes`` (from :func:`detkit.load_model`, or a training module's ``model``)."""
+
+    def __init__(self, model: Any, device: str | torch.device = "cpu", batch_size: int = 4,
                  score_threshold: float = 0.0, fast: bool = True, compile: bool | str = False,
                  classes: str | Sequence[str] | None = None) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and (not torch.cuda.is_available() or
                                            (self.device.index or 0) >= torch.cuda.device_count()):
-            from detkit.errors import ConfigError
-
             raise ConfigError(f"device {device!r}: no such CUDA device here "
                               f"({torch.cuda.device_count()} available); use --device cpu")
-        self.module = module.eval().to(self.device)
-        self.model = self.module.model
+        self.source = as_model(model).eval().to(self.device)
+        self.model = self.source
         self.channels_last = bool(fast)
-        if fast or compile:  # a copy: the module given stays trainable
+        if fast or compile:  # a copy: the model given stays trainable
             from detkit.inference.optimize import optimize_for_inference
 
-            self.model = copy.deepcopy(self.module.model)
+            self.model = copy.deepcopy(self.source)
             self.report = optimize_for_inference(self.model, fold_bn=fast, channels_last=fast, compile=compile)
-        self.cfg = module.cfg
-        self.classes: list[str] = list(module.classes)
-        self.task: str = getattr(module, "task", "detection")
+        if self.source.config is None:
+            raise ConfigError("this model has no config (build it with detkit.build_model or load it with "
+                              "detkit.load_model): the Predictor needs its data.* settings to resize images")
+        self.cfg = self.source.config
+        self.classes: list[str] = list(self.source.classes)
+        self.task: str = self.source.task
         first = 0 if self.task == "semantic" else 1  # label maps hold indices 0..K-1, detections labels 1..K
-        self.cat_ids: list[Any] = list(module.hparams.get("cat_ids") or range(first, len(self.classes) + first))
+        self.cat_ids: list[Any] = list(self.source.cat_ids or range(first, len(self.classes) + first))
         self.keep_classes: list[str] | None = select_classes(classes, self.classes)
         self._keep = None if self.keep_classes is None else torch.tensor(
             [self.classes.index(n) + first for n in self.keep_classes])
         self.batch_size, self.score_threshold = int(batch_size), float(score_threshold)
-        d = self.cfg.data
-        backbone = module.model.backbone
-        self.pipeline = build_pipeline(d.transforms.val, image_size=d.image_size, mean=backbone.mean, std=backbone.std,
-                                       train=False, resize=d.resize, normalize=False, where="data.transforms.val")
-        self.collate = Collate(d.size_divisor)
+        self.pipeline = pipeline_from_config(self.cfg.data, train=False)  # resized exactly as in validation
+        self.collate = Collate(self.cfg.data.size_divisor)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> Predictor:
-        from detkit.engine.run import load_checkpoint, resolve_checkpoint
-
-        return cls(load_checkpoint(resolve_checkpoint(path, "best")), device=device, **kwargs)
+        """A Predictor of a run directory (its ``best.ckpt``) or checkpoint file (:func:`detkit.load_model`)."""
+        return cls(load_model(path), device=device, **kwargs)
 
     def sample(self, image: Any, index: int) -> dict[str, Any]:
         arr = to_rgb_array(image)
@@ -108,7 +117,7 @@ class Predictor:
             batch["images"] = batch["images"].to(self.device)
             if self.channels_last:
                 batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
-            for pred in self.module.predict_batch(batch, model=self.model):
+            for pred in self.model.predict(batch):
                 results.append(self._finish(pred))
         return results[0] if single else results
 
@@ -146,8 +155,6 @@ def select_classes(wanted: str | Sequence[str] | None, classes: Sequence[str]) -
         return None
     unknown = [n for n in names if n not in classes]
     if unknown:
-        from detkit.errors import ConfigError
-
         raise ConfigError(f"unknown class{'es' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
                           f"this model's classes: {', '.join(classes)}")
     return names
@@ -156,8 +163,6 @@ def select_classes(wanted: str | Sequence[str] | None, classes: Sequence[str]) -
 def expand_inputs(inputs: Iterable[str]) -> list[Path]:
     """Files, folders (recursive) and globs -> image paths (sorted per input, no duplicates)."""
     import glob
-
-    from detkit.errors import DataError
 
     found: list[Path] = []
     for item in inputs:

@@ -24,7 +24,6 @@ summary's ``per_class`` then counts images, not detections.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
@@ -36,8 +35,9 @@ from PIL import Image
 
 from detkit.errors import DataError
 from detkit.evaluation.predictions import encode_masks, predictions_to_results
-from detkit.inference.draw import draw_detections, draw_semantic
 from detkit.inference.predictor import Predictor, to_rgb_array
+from detkit.utils.draw import draw_detections, draw_semantic
+from detkit.utils.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def predict_files(predictor: Predictor, files: list[Path], out: str | Path, draw
                                      pred["scores"].tolist(), masks=masks)
                 im.save(out / f"{name}.jpg", quality=92)
     elapsed = time.perf_counter() - start
-    (out / "predictions.json").write_text(json.dumps(results))
+    write_json(results, out / "predictions.json", indent=None)
     return {"task": predictor.task, "images": done, "skipped": len(skipped), "skipped_files": skipped,
             "detections": detections, "per_class": dict(per_class), "classes": predictor.keep_classes,
             "images_per_s": done / elapsed if elapsed > 0 else 0.0, "seconds": elapsed, "out": str(out)}

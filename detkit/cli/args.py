@@ -1,0 +1,117 @@
+"""Argument types and helpers the ``detkit`` subcommands share."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from detkit.errors import DetkitError
+
+
+def dataset_from_args(args: argparse.Namespace):
+    """(dataset config, full config) from either CONFIG [--split NAME] or --format/--images/--annotations."""
+    from detkit.config import load_config
+
+    if args.config:
+        if args.format:
+            raise DetkitError("give either CONFIG or --format/--images/--annotations, not both")
+        cfg = load_config(args.config, args.overrides)
+        split = args.split or "train"
+        if split not in ("train", "val", "test"):
+            raise DetkitError(f"--split {split!r}: with a config, expected train, val or test")
+        return cfg.data[split], cfg, f"data.{split}"
+    if not args.format or not args.images:
+        raise DetkitError("name a dataset: CONFIG [--split train|val|test], or --format F --images DIR "
+                          "[--annotations PATH] [--split FILE]")
+    classes = args.classes
+    if classes and not Path(classes).exists():
+        classes = [c.strip() for c in classes.split(",") if c.strip()]
+    cfg = load_config(None, args.overrides)
+    ds = {"format": args.format, "images": args.images, "annotations": args.annotations, "split": args.split,
+          "classes": classes, "label_suffix": args.label_suffix, "ignore_index": args.ignore_index, "name": None}
+    return ds, cfg, "--format"
+
+
+def add_dataset_args(p: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        p.add_argument("config", nargs="?", help="a config (its data.<split> is used)")
+        p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    else:
+        p.set_defaults(config=None, overrides=[])
+    p.add_argument("--split", default=None, help="with CONFIG: train|val|test; with --format: a file of image ids")
+    p.add_argument("--format", choices=("coco", "voc", "yolo", "masks", "instance_masks"))
+    p.add_argument("--images", help="image folder")
+    p.add_argument("--annotations", help="annotation file (coco) or folder (voc, yolo, masks)")
+    p.add_argument("--classes", help="class names, comma-separated, or a YAML/text file")
+    p.add_argument("--label-suffix", default="", help="masks: <image stem><suffix>.png (PennFudan: _mask)")
+    p.add_argument("--ignore-index", type=int, default=255, help="masks: the label value not trained on")
+
+
+def split_config_and_overrides(items: list[str], resume: str | None) -> tuple[str | None, list[str]]:
+    """``CONFIG a.b=c ...``; with ``--resume`` the CONFIG may be left out (the run's config.yaml is used)."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    if resume is None:
+        raise DetkitError("give a CONFIG file (or --resume RUN_DIR)")
+    return None, items
+
+
+def is_main_process() -> bool:
+    """False in the extra processes of a multi-process (DDP) run, which re-run the command: they print nothing."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers >= 0")
+    return values
+
+
+SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
+
+
+def budget_range(text: str) -> tuple[float | None, float | None]:
+    """``MAX`` or ``MIN:MAX`` (either side may be empty), with an optional K/M/G suffix: ``400M``, ``360M:400M``."""
+    def value(part: str) -> float | None:
+        part = part.strip().upper()
+        if not part:
+            return None
+        unit = part[-1] if part[-1] in "KMG" else ""
+        try:
+            number = float(part[:-1] if unit else part) * SUFFIX[unit]
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number) or number < 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected MAX or MIN:MAX, e.g. 400M or 360M:400M")
+        return number
+
+    lo, sep, hi = text.partition(":")
+    bounds = (value(lo), value(hi)) if sep else (None, value(lo))
+    if bounds[0] is not None and bounds[1] is not None and bounds[0] > bounds[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: the minimum is above the maximum")
+    return bounds
+
+
+def _int_at_least(text: str, minimum: int, problem: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} {problem}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    return _int_at_least(text, 0, "is negative")
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "is not a positive integer")

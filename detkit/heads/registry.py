@@ -1,0 +1,87 @@
+"""The head registry: every head's builder and traits, and the head contract.
+
+A head is registered once, here, with the function that builds it and its :class:`HeadTraits`; nothing else in
+detkit keeps a list of head names. The config's ``model.head.name`` is checked against :data:`HEADS`; the model
+class, the data module (instance masks or not), evaluation (IoU types, metrics) and export read the traits.
+
+Adding a head is one new file (its parameters, module and builder) plus one line below. A builder is
+``build(params, channels, strides, num_classes, image_size) -> Head``: ``params`` is ``model.head.params`` (check
+it with :func:`detkit.heads.params.parse_params`), ``channels``/``strides`` the ``{level: int}`` maps of the
+features it receives (the neck's, or the backbone's with ``model.neck.name: none``; choose among them with
+:func:`detkit.heads.levels.select_levels`), ``image_size`` is ``data.image_size``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import Tensor
+
+from detkit.utils.registry import Registry
+
+TASKS = ("detection", "instance", "semantic")
+EXPORTS = ("flat", "per_image", "logits")
+
+
+@dataclass(frozen=True)
+class HeadTraits:
+    """What the rest of detkit asks about a head, declared when it is registered.
+
+    ``task``: ``detection`` (boxes), ``instance`` (boxes and instance masks: the data module decodes masks,
+    evaluation adds mask AP) or ``semantic`` (per-pixel logits: the model is a :class:`~detkit.models.Segmenter`,
+    scored by mIoU). ``export``: ``flat`` (the head has ``flat_detections``: a batched graph, any batch size),
+    ``per_image`` (the head loops over images in Python: exported at a fixed batch) or ``logits``.
+    """
+
+    task: str = "detection"
+    export: str = "flat"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"HeadTraits.task = {self.task!r}: expected one of {', '.join(TASKS)}")
+        if self.export not in EXPORTS:
+            raise ValueError(f"HeadTraits.export = {self.export!r}: expected one of {', '.join(EXPORTS)}")
+        if (self.task == "semantic") != (self.export == "logits"):
+            raise ValueError("HeadTraits: semantic heads export logits, detection heads detections")
+
+    @property
+    def masks(self) -> bool:
+        """The head predicts instance masks (and trains on them)."""
+        return self.task == "instance"
+
+    @property
+    def semantic(self) -> bool:
+        return self.task == "semantic"
+
+
+class Head(Protocol):
+    """The head contract. ``forward(features, images, image_sizes, targets=None) -> (outputs, losses)``.
+
+    ``features``: ``{level: B x C x h x w}``; ``images``: the normalised, padded batch; ``image_sizes``: each
+    image's unpadded ``(h, w)``. Detection heads return detections per image in input pixels (``boxes`` xyxy,
+    ``scores``, ``labels`` 1..K, ``masks`` N x 1 x m x m probabilities for instance heads) and, with ``targets``
+    (per-image dicts of ``boxes``, ``labels``[, ``masks``]), a dict of named scalar losses. Semantic heads return
+    ``B x K x H x W`` logits at the input's resolution and take ``B x H x W`` label maps as targets. Heads with
+    ``export: flat`` also have ``flat_detections(features, images, image_sizes) -> (boxes, scores, labels,
+    batch_index)``.
+    """
+
+    def forward(self, features: dict[str, Tensor], images: Tensor, image_sizes: Sequence[tuple[int, int]],
+                targets: Any = None) -> tuple[Any, dict[str, Tensor]]: ...
+
+
+HEADS: Registry = Registry("head", "model.head.name", contract=Head)
+
+# name              builder                                          traits
+HEADS.register("faster_rcnn", "detkit.heads.two_stage:build_faster_rcnn", HeadTraits("detection", "per_image"))
+HEADS.register("mask_rcnn", "detkit.heads.two_stage:build_mask_rcnn", HeadTraits("instance", "per_image"))
+HEADS.register("ssd", "detkit.heads.ssd:build_ssd_head", HeadTraits("detection", "flat"))
+HEADS.register("yolo", "detkit.heads.yolo:build_yolo_head", HeadTraits("detection", "flat"))
+HEADS.register("unet", "detkit.heads.unet:build_unet_head", HeadTraits("semantic", "logits"))
+
+
+def head_traits(name: str) -> HeadTraits:
+    """The traits of ``model.head.name = name`` (one line naming the key for an unknown head)."""
+    return HEADS.traits(name)
