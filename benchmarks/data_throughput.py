@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Images/s of the train pipeline (decode + albumentations + normalise + collate) with 0, 1 and 2 workers.
+"""Images/s of the train pipeline (decode + albumentations + uint8 tensors + collate) with 0, 1 and 2 workers.
 
 The reference, measured in the same run, is decoding alone (PIL, no transform, one process): the ratio
 says what the augmentations and batching cost on top of reading the files. Usage:
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from detkit.data.build import build_dataset
 from detkit.data.collate import Collate
 from detkit.data.dataset import read_image
-from detkit.data.transforms import Normalizer, build_pipeline
+from detkit.data.transforms import build_pipeline
 
 COCO128 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "coco128"
 
@@ -55,23 +55,18 @@ def main() -> None:
     decode = n / (time.perf_counter() - t)
     print(f"{len(dataset)} images x {args.epochs} epochs at {args.size}, batch {args.batch}")
     print(f"{'reference: decode only':28s} {decode:8.1f} img/s")
-    normalizer = Normalizer((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    for normalize in (True, False):
-        dataset.transform = build_pipeline("train", image_size=args.size, mean=normalizer.mean.flatten() / 255,
-                                           std=1 / normalizer.inv_std.flatten() / 255, train=True,
-                                           normalize=normalize)
-        for workers in (0, 1, 2):
-            loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, num_workers=workers,
-                                collate_fn=Collate(32), persistent_workers=workers > 0)
-            seen = 0
-            t = time.perf_counter()
-            for _ in range(args.epochs):
-                for batch in loader:
-                    normalizer(batch["images"])  # uint8 batches are normalised here, as the engine does
-                    seen += len(batch["targets"]) + len(batch["skipped"])
-            rate = seen / (time.perf_counter() - t)
-            what = f"{'float' if normalize else 'uint8'} samples, {workers} workers"
-            print(f"{what:28s} {rate:8.1f} img/s   ratio to decode-only {rate / decode:5.2f}")
+    dataset.transform = build_pipeline("train", image_size=args.size, train=True)  # uint8 samples
+    for workers in (0, 1, 2):
+        loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, num_workers=workers,
+                            collate_fn=Collate(32), persistent_workers=workers > 0)
+        seen = 0
+        t = time.perf_counter()
+        for _ in range(args.epochs):
+            for batch in loader:
+                seen += len(batch["targets"]) + len(batch["skipped"])
+        rate = seen / (time.perf_counter() - t)
+        what = f"uint8 samples, {workers} workers"
+        print(f"{what:28s} {rate:8.1f} img/s   ratio to decode-only {rate / decode:5.2f}")
 
 
 if __name__ == "__main__":

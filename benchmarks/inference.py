@@ -84,7 +84,7 @@ SHARED = next((p for p in (ROOT.parent / "shared", ROOT / "shared") if p.is_dir(
 # ------------------------------------------------------------------------------------------------ cases
 @dataclass
 class Built:
-    head: str  # faster_rcnn | ssd | yolo | unet (ExportModel's head name)
+    head: str  # faster_rcnn | ssd | yolo | unet
     reference: nn.Module | None  # torchvision's model, or None (the reference is detkit plain)
     model: nn.Module  # the detkit model (weights loaded from the reference's after calibration)
     key_map: object  # torchvision state dict -> detkit's
@@ -177,7 +177,7 @@ def onnx_session(model: nn.Module, built: Built, example: torch.Tensor, dynamic:
 
     folded = copy.deepcopy(model).cpu().eval()
     fold_batch_norms(folded)
-    wrapper = ExportModel(folded, built.head, built.mean, built.std).eval().requires_grad_(False)
+    wrapper = ExportModel(folded).eval().requires_grad_(False)  # the model's own normalisation is in the graph
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python values baked into the graph
         to_onnx(wrapper, example.cpu() * 255, path, dynamic)

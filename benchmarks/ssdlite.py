@@ -80,7 +80,7 @@ def detkit_taps(size: int, num_classes: int) -> Detector:
     plan[c4 + 1][1][:0] = [f"{first}.block.{j}" for j in (1, 2, 3)]
     backbone = Backbone(net, plan, ["c4", "c5"], ("avgpool", "classifier"), name="mobilenet_v3_large")
     head = build_ssd_head(cfg.model.head.params, backbone.out_channels, backbone.strides, num_classes, size)
-    return Detector(backbone, None, head)
+    return Detector(backbone, None, head, mean=TV_MEAN, std=TV_STD)  # torchvision SSDlite's normalisation
 
 
 def torchvision_ssdlite(num_classes: int, resize: bool) -> nn.Module:

@@ -131,7 +131,7 @@ def run_bare(cfg, args, device: torch.device) -> Window:
     dm = build_datamodule(cfg)
     dm.setup("fit")
     module = DetectionModule(cfg, classes=dm.classes)
-    model, normalizer = module.model.to(device).train(), module.normalizer.to(device)
+    model = module.model.to(device).train()  # it normalises its uint8 input itself
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=float(t.lr), momentum=float(t.momentum), weight_decay=float(t.weight_decay))
@@ -153,7 +153,7 @@ def run_bare(cfg, args, device: torch.device) -> Window:
             window.start()
             batch = to_device(batch, device)
             with autocast(device, args.precision):
-                losses = model(normalizer(batch["images"]), batch["targets"], batch["image_sizes"])
+                losses = model(batch["images"], batch["targets"], batch["image_sizes"])
                 loss = sum(losses.values())
             if not math.isfinite(loss.item()):
                 raise SystemExit(f"train_throughput.py: loss is not finite ({loss.item()}) in the bare loop")

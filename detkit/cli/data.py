@@ -15,7 +15,6 @@ from detkit.errors import DetkitError
 
 def _config_show(args: argparse.Namespace) -> int:
     from detkit.config import load_config, to_yaml
-
     from detkit.models import check_model_config
 
     cfg = load_config(args.config, args.overrides)

@@ -60,6 +60,7 @@ from detkit.errors import ConfigError
 PRESETS = ("train", "val", "none")
 PAD_VALUE = 114  # grey padding, as most detectors use
 CONTAINERS = ("OneOf", "SomeOf", "Sequential", "OneOrOther", "SelectiveChannelTransform")
+INSTANCE_FIELDS = ("labels", "iscrowd", "difficult")  # per-instance values that follow the boxes
 MAX_LAYER_IDS = 255  # instances per uint8 mask layer (0 = none) when instance masks travel through a mosaic
 
 
@@ -199,14 +200,8 @@ class Pipeline:
             # shift classes to 1..K and unlabeled to 0, so that padding (filled with 0) becomes unlabeled too
             inputs["mask"] = shift_semantic(sample["semantic"])
         out = self.compose(**inputs)
-        kept = np.asarray(out["instance"], np.int64).reshape(-1)
-        img = out["image"]
-        h, w = img.shape[:2]
-        result = dict(sample)
-        result["image"] = self._image_tensor(img)
-        result["boxes"] = torch.as_tensor(np.asarray(out["bboxes"], np.float32).reshape(-1, 4))
-        for key in ("labels", "iscrowd", "difficult"):
-            result[key] = torch.as_tensor(np.asarray(sample[key])[kept])
+        result, kept = self._outputs(sample, out, {k: np.asarray(sample[k]) for k in INSTANCE_FIELDS})
+        h, w = result["image"].shape[-2:]
         if has_masks:
             masks = np.asarray(out["masks"]) if n else np.zeros((0, h, w), np.uint8)
             result["masks"] = torch.as_tensor(masks.reshape(-1, h, w)[kept] if n else masks, dtype=torch.uint8)
@@ -217,6 +212,18 @@ class Pipeline:
         result["scale"] = (w / w0, h / h0)
         result["boxes_dropped"] = int(n - len(kept))
         return result
+
+    def _outputs(self, sample: dict[str, Any], out: dict[str, Any], fields: dict[str, np.ndarray]
+                 ) -> tuple[dict[str, Any], np.ndarray]:
+        """The transformed sample's image (3 x H x W uint8), boxes and per-instance ``fields`` of the instances that
+        survived (``kept``: their ids), on a copy of ``sample``."""
+        kept = np.asarray(out["instance"], np.int64).reshape(-1)
+        result = dict(sample)
+        result["image"] = self._image_tensor(out["image"])
+        result["boxes"] = torch.as_tensor(np.asarray(out["bboxes"], np.float32).reshape(-1, 4))
+        for key, values in fields.items():
+            result[key] = torch.as_tensor(values[kept])
+        return result, kept
 
     def _image_tensor(self, img: np.ndarray) -> torch.Tensor:
         """H x W x 3 -> 3 x H x W uint8."""
@@ -261,15 +268,9 @@ class Pipeline:
         applied = any(bool(m.params) for m in self.mosaics)
         for m in self.mosaics:
             m.params = {}  # release the cells' arrays
-        kept = np.asarray(out["instance"], np.int64).reshape(-1)
-        img = out["image"]
-        h, w = img.shape[:2]
-        result = dict(sample)
-        result["image"] = self._image_tensor(img)
-        result["boxes"] = torch.as_tensor(np.asarray(out["bboxes"], np.float32).reshape(-1, 4))
-        for key in ("labels", "iscrowd", "difficult"):
-            values = np.concatenate([np.asarray(s[key]).reshape(-1) for s in items])
-            result[key] = torch.as_tensor(values[kept])
+        result, kept = self._outputs(sample, out, {k: np.concatenate([np.asarray(s[k]).reshape(-1) for s in items])
+                                                   for k in INSTANCE_FIELDS})
+        h, w = result["image"].shape[-2:]
         mask = np.asarray(out["mask"]) if "mask" in out else None
         if mask is not None and mask.ndim == 2:
             mask = mask[..., None]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from detkit.errors import ConfigError
+from detkit.heads.params import WHERE
 
-WHERE = "model.head.params"
 RULES = {
     # each stride strictly coarser than the previous one
     "increasing": (lambda a, b: b > a, "distinct"),

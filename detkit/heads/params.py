@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from detkit.errors import ConfigError
 
 P = TypeVar("P")
+WHERE = "model.head.params"  # where every head's settings live in a config
 
 
 def _plain(value: Any) -> Any:
@@ -54,7 +55,7 @@ def _optional(tp: Any) -> bool:
     return type(None) in typing.get_args(tp)
 
 
-def parse_params(cls: type[P], params: Mapping[str, Any] | None, where: str = "model.head.params") -> P:
+def parse_params(cls: type[P], params: Mapping[str, Any] | None, where: str = WHERE) -> P:
     """An instance of the dataclass ``cls`` from ``params`` (missing keys keep their defaults)."""
     params = dict(_plain(params) or {})
     hints = typing.get_type_hints(cls)

@@ -42,10 +42,9 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from detkit.errors import ConfigError
 from detkit.heads.levels import select_levels
-from detkit.heads.params import parse_params
+from detkit.heads.params import WHERE, parse_params
 from detkit.heads.postprocess import Flat, batched_detections, split_per_image
 
-WHERE = "model.head.params"
 # torchvision's SSDlite norm layer (also used here for the plain extras' BatchNorm)
 NORM = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
 

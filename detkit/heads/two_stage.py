@@ -24,7 +24,7 @@ from torchvision.ops.poolers import initLevelMapper
 
 from detkit.errors import ConfigError
 from detkit.heads.levels import select_levels
-from detkit.heads.params import parse_params
+from detkit.heads.params import WHERE, parse_params
 from detkit.heads.roi_pool import MultiScaleRoIPool
 
 
@@ -99,12 +99,12 @@ def build_two_stage_head(p: TwoStageParams, channels: int, strides: dict[str, in
                                [k for k in levels if strides[k] <= 32] or levels[:1], rule="consecutive")
     check_params(p, masks)
     if p.roi_op not in ("roi_align", "roi_pool"):
-        raise ConfigError(f"model.head.params.roi_op = {p.roi_op!r}: expected roi_align or roi_pool")
+        raise ConfigError(f"{WHERE}.roi_op = {p.roi_op!r}: expected roi_align or roi_pool")
     if p.box_head not in ("2fc", "conv"):
-        raise ConfigError(f"model.head.params.box_head = {p.box_head!r}: expected 2fc or conv")
+        raise ConfigError(f"{WHERE}.box_head = {p.box_head!r}: expected 2fc or conv")
     sizes = p.anchor_sizes or [[8.0 * strides[k]] for k in rpn_levels]
     if len(sizes) != len(rpn_levels):
-        raise ConfigError(f"model.head.params.anchor_sizes has {len(sizes)} entries for {len(rpn_levels)} RPN "
+        raise ConfigError(f"{WHERE}.anchor_sizes has {len(sizes)} entries for {len(rpn_levels)} RPN "
                           f"levels {rpn_levels}: give one list of sizes per level")
     anchors = AnchorGenerator(tuple(tuple(s) for s in sizes), tuple(tuple(p.aspect_ratios) for _ in sizes))
     rpn = RegionProposalNetwork(
@@ -115,7 +115,7 @@ def build_two_stage_head(p: TwoStageParams, channels: int, strides: dict[str, in
         p.rpn_nms_thresh, score_thresh=p.rpn_score_thresh,
     )
     if len({len(s) for s in sizes}) != 1:
-        raise ConfigError("model.head.params.anchor_sizes: every level needs the same number of sizes")
+        raise ConfigError(f"{WHERE}.anchor_sizes: every level needs the same number of sizes")
     roi_strides = [strides[k] for k in roi_levels]
     box_pool = _pooler(p.roi_op, roi_levels, roi_strides, p.roi_output_size, p.roi_sampling_ratio, p)
     if p.box_head == "2fc":
@@ -160,7 +160,7 @@ def build_mask_rcnn(params, channels: dict[str, int], strides: dict[str, int], n
 
 def check_params(p: TwoStageParams, masks: bool) -> None:
     """Ranges and consistency of the settings (one-line errors instead of failures deep in torchvision)."""
-    where = "model.head.params"
+    where = WHERE
     for stage in ("rpn", "box"):
         fg, bg = getattr(p, f"{stage}_fg_iou_thresh"), getattr(p, f"{stage}_bg_iou_thresh")
         if not 0.0 <= bg <= fg <= 1.0:

@@ -26,9 +26,8 @@ from torchvision.ops import Conv2dNormActivation
 from detkit.data.dataset import SEMANTIC_IGNORE
 from detkit.errors import ConfigError, DataError
 from detkit.heads.levels import select_levels
-from detkit.heads.params import parse_params
+from detkit.heads.params import WHERE, parse_params
 
-WHERE = "model.head.params"
 UPSAMPLE_MODES = ("nearest", "bilinear", "transpose")
 NORMS = ("bn", "gn", "none")
 

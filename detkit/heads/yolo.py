@@ -45,12 +45,11 @@ from torchvision.ops import (
 
 from detkit.errors import ConfigError
 from detkit.heads.levels import select_levels
-from detkit.heads.params import parse_params
+from detkit.heads.params import WHERE, parse_params
 from detkit.heads.postprocess import Flat, batched_detections, split_per_image
 
 BOX_LOSSES = {"ciou": complete_box_iou_loss, "giou": generalized_box_iou_loss, "diou": distance_box_iou_loss}
 DEFAULT_ANCHOR_SHAPES = ((4.0, 4.0), (5.66, 2.83), (2.83, 5.66))  # x stride: area (4s)^2, aspect 1, 2, 1/2
-WHERE = "model.head.params"
 
 
 @dataclass
