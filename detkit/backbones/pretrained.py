@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from detkit.errors import PretrainedError
+from detkit.utils.io import torch_load_data
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             data = load_file(str(path))
         else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, pickle with code, ...
+            data = torch_load_data(path)
+    except ValueError as e:  # a corrupt file, a pickle that would run code (UnsafeFile)
+        raise PretrainedError(f"cannot read weights file {e}") from None
+    except Exception as e:  # safetensors' own errors
         reason = str(e).splitlines()[0] if str(e) else ""
         raise PretrainedError(f"cannot read weights file {path}: {type(e).__name__}: {reason}") from None
     for key in _WRAPPERS:

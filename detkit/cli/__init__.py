@@ -70,9 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # an output path under a file, a full disk, no permission ...
         print(f"detkit: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("detkit: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", 2)  # detkit.engine's Interrupted says which signal stopped training
+        print(f"detkit: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 128 + int(signum)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,9 @@ class TrainConfig:
     grad_clip: float | None = None  # max gradient norm
     ema: EMAConfig = field(default_factory=EMAConfig)
     early_stopping_patience: int | None = None  # validations without improvement of the main metric
+    # last.ckpt is written at every epoch end, when training stops early, and (a kill costs at most this much)
+    checkpoint_every_n_steps: int | None = None  # every n optimizer steps
+    checkpoint_every_minutes: float | None = 10.0  # every so many minutes of training
 
 
 @dataclass

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from detkit.data.samplers import sample_seed
 from detkit.errors import DataError
 
 log = logging.getLogger("detkit.data")
@@ -244,6 +245,9 @@ class DetectionDataset(Dataset):
         self.cat_ids: list[Any] = []
         self.problems = Problems(name)
         self.extras_skipped = 0  # unreadable images drawn as a mosaic's extra samples (in this process)
+        # the epoch's augmentation seed (set by the data module): each sample's augmentations are then a function of
+        # (seed, index), whichever worker loads it and whatever was loaded before
+        self.augment_seed: int | None = None
 
     # ---- class maps
     @property
@@ -320,6 +324,8 @@ class DetectionDataset(Dataset):
             return {"skipped": str(e)}
         if self.transform is None:
             return sample
+        if self.augment_seed is not None and hasattr(self.transform, "reseed"):
+            self.transform.reseed(sample_seed(self.augment_seed, index))
         need = int(getattr(self.transform, "extra_samples", 0) or 0)
         if need > 0:
             return self.transform(sample, self.load_extras(index, need, getattr(self.transform, "rng", None)))

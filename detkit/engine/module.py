@@ -10,26 +10,21 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from detkit.config.loader import validate
 from detkit.config.schema import Config
+from detkit.data.samplers import epoch_seed, seed_everything
 from detkit.engine.optim import build_optimizer, build_scheduler
 from detkit.errors import ConfigError, DataError, TrainingError
 from detkit.evaluation.metrics import build_evaluator
 from detkit.models import build_model
 
 log = logging.getLogger(__name__)
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (int(seed) * 1_000_003 + int(epoch) * 7919 + int(rank)) % (2**31)
 
 
 class DetectionModule(L.LightningModule):
@@ -89,33 +84,47 @@ class DetectionModule(L.LightningModule):
                 self.attach_evaluator(ds)
 
     # --------------------------------------------------------------------------------------- training
-    # Every epoch's randomness (data order, augmentations, RPN/RoI sampling) is a function of (seed, epoch, rank),
-    # so a run resumed at an epoch boundary continues exactly as the uninterrupted run would have.
+    # Every step's randomness is a function of (seed, epoch, position): the data order and the augmentations are
+    # seeded by the data module per epoch and per sample, the model's own (RPN/RoI sampling, dropout) at every step
+    # here, so a run resumed from any checkpoint continues exactly as the uninterrupted run would have.
     def on_train_epoch_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if hasattr(dm, "set_epoch"):
-            dm.set_epoch(self.current_epoch, epoch_seed(self.cfg.seed, self.current_epoch, self.global_rank))
+            dm.set_epoch(self.current_epoch)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if batch_idx == 0:  # after Lightning has made the epoch's data iterator (which draws from the torch RNG)
-            s = epoch_seed(self.cfg.seed, self.current_epoch, self.global_rank)
-            random.seed(s)
-            np.random.seed(s)
-            torch.manual_seed(s)
+        seed_everything(epoch_seed(self.cfg.seed, self.current_epoch, self.global_rank, batch_idx))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self._count_skipped(batch)
         losses = self.model.losses(batch)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise TrainingError(f"loss is not finite at epoch {self.current_epoch}, step {self.global_step} "
-                                f"({values}); training stopped, checkpoints keep the last good weights. Try a "
-                                f"lower train.lr, longer train.warmup_iters or train.grad_clip")
+        self.check_finite(loss, losses)
         n = len(batch["targets"])
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=n)
         return loss
+
+    def check_finite(self, loss: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
+        """A NaN/inf loss stops training with one line. Under DDP every process learns of it at the same step
+        (one small all-reduce) and stops with the same line, instead of the others waiting on a collective."""
+        bad = not bool(torch.isfinite(loss))
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
+        if world > 1:
+            flags = torch.zeros(world, device=loss.device)
+            flags[self.global_rank] = float(bad)
+            flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
+            bad_ranks = [int(r) for r in torch.nonzero(flags).flatten()]
+        else:
+            bad_ranks = [0] if bad else []
+        if not bad_ranks:
+            return
+        where = f" on process {', '.join(map(str, bad_ranks))}" if world > 1 else ""
+        values = f" ({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())})" if bad else ""
+        raise TrainingError(f"loss is not finite{where} at epoch {self.current_epoch}, step {self.global_step}"
+                            f"{values}; training stopped, checkpoints keep the last good weights. Try a lower "
+                            f"train.lr, longer train.warmup_iters or train.grad_clip")
 
     def _count_skipped(self, batch: dict[str, Any]) -> None:
         if batch.get("skipped"):
@@ -153,22 +162,24 @@ class DetectionModule(L.LightningModule):
     def configure_optimizers(self):
         t = self.cfg.train
         optimizer = build_optimizer(self.model, t)
-        trainer = self.trainer
-        steps_per_epoch = None
-        try:
-            trainer.fit_loop.setup_data()
-            batches = trainer.num_training_batches
-            if math.isfinite(batches):
-                steps_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
-        except Exception:  # pragma: no cover  (iterable datasets without a length)
-            steps_per_epoch = None
-        if steps_per_epoch is None:
-            total = int(trainer.estimated_stepping_batches)
-            steps_per_epoch = max(1, total // max(1, int(t.epochs)))
-        else:
-            total = steps_per_epoch * int(t.epochs)  # the schedule does not depend on trainer.max_steps
+        steps_per_epoch = self.steps_per_epoch()
+        total = steps_per_epoch * int(t.epochs)  # the schedule does not depend on trainer.max_steps
         scheduler = build_scheduler(optimizer, t, total, steps_per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: the training loader's batches (``trainer.limit_train_batches`` applied) over
+        the gradient accumulation. Counted without starting the loader: a resumed run must restore its position
+        before its first iterator is made."""
+        trainer = self.trainer
+        dm = trainer.datamodule
+        batches = len(dm.train_dataloader()) if dm is not None else int(trainer.estimated_stepping_batches)
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int):
+            batches = min(batches, limit)
+        elif isinstance(limit, float):
+            batches = max(1, int(batches * limit))
+        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
     # -------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -177,18 +188,8 @@ class DetectionModule(L.LightningModule):
         if bad:
             raise TrainingError(f"weights hold NaN/inf values ({bad[0]} and {len(bad) - 1} more): not saving a "
                                 f"checkpoint; the previous checkpoints keep the last good weights")
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        # plain tensors and numbers only: checkpoints stay loadable with torch.load(weights_only=True)
-        checkpoint["detkit_rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                                    "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "current_model_state" in checkpoint and not self.cfg.train.ema.enabled:
             # an EMA run resumed without EMA continues from the trained weights, not from their average
             checkpoint["state_dict"] = checkpoint.pop("current_model_state")
-        rng = checkpoint.get("detkit_rng")
-        if rng:
-            torch.set_rng_state(rng["torch"])
-            kind, keys, pos, has_gauss, gauss = rng["numpy"]
-            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-            random.setstate(rng["python"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +19,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from detkit.config import load_config
-from detkit.config.loader import to_yaml
 from detkit.data.shapes import ensure_shapes
-from detkit.errors import ConfigError
+from detkit.engine.callbacks import ConfigWriter, Interrupted, LastCheckpoint
+from detkit.errors import ConfigError, TrainingError
 from detkit.evaluation.metrics import check_eval_config
 from detkit.heads.registry import head_traits
 from detkit.models.build import check_model_config
 from detkit.models.load import load_weights, read_checkpoint, resolve_checkpoint, run_dir_of
-from detkit.utils.io import write_json, write_text
+from detkit.utils.io import write_json
 
 log = logging.getLogger(__name__)
 RUN_DIR_ENV = "DETKIT_RUN_DIR"  # set by the launching process, so DDP workers write into the same run directory
 DETKIT_TRAINER_KEYS = {"max_epochs", "gradient_clip_val", "callbacks", "logger", "plugins", "default_root_dir",
-                       "enable_checkpointing"}
+                       "enable_checkpointing", "use_distributed_sampler"}
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -81,13 +82,13 @@ def build_trainer(cfg: DictConfig, out: Path, *, fit: bool = True, callbacks: li
                     "accumulate_grad_batches", "num_sanity_val_steps", "max_time", "overfit_batches"):
             kwargs.pop(key, None)
         return L.Trainer(logger=False, enable_checkpointing=False, default_root_dir=str(out),
-                         callbacks=list(callbacks or []), **kwargs)
+                         callbacks=list(callbacks or []), use_distributed_sampler=False, **kwargs)
     main = f"val/{cfg.eval.main_metric}"
     has_val = cfg.data.val.format is not None
     cbs: list = [
-        # last.ckpt after every epoch (a callback of its own: Lightning's save_last only follows a new best)
-        ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None, save_top_k=1,
-                        save_on_train_epoch_end=True, auto_insert_metric_name=False, enable_version_counter=False),
+        # last.ckpt at every epoch end, every so many steps / minutes, and when training stops (see LastCheckpoint)
+        LastCheckpoint(out / "checkpoints" / "last.ckpt", every_n_steps=cfg.train.checkpoint_every_n_steps,
+                       every_minutes=cfg.train.checkpoint_every_minutes),
         LearningRateMonitor("step"),
         *([ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=main, mode="max", save_top_k=1,
                            auto_insert_metric_name=False, enable_version_counter=False)] if has_val else []),
@@ -106,7 +107,8 @@ def build_trainer(cfg: DictConfig, out: Path, *, fit: bool = True, callbacks: li
     loggers = [TensorBoardLogger(str(out), name="tensorboard", version=""),
                CSVLogger(str(out), name="csv", version=_csv_version(out))]
     return L.Trainer(max_epochs=int(cfg.train.epochs), gradient_clip_val=cfg.train.grad_clip, callbacks=cbs,
-                     logger=loggers, plugins=[AtomicCheckpointIO()], default_root_dir=str(out), **kwargs)
+                     logger=loggers, plugins=[AtomicCheckpointIO()], default_root_dir=str(out),
+                     use_distributed_sampler=False, **kwargs)  # the data module shards and resumes its samplers
 
 
 def check_config(cfg: DictConfig):
@@ -123,8 +125,10 @@ def train(cfg: DictConfig | str | Path | None, overrides: list[str] | tuple[str,
           callbacks: list | None = None) -> Path:
     """Train the model of ``cfg`` (a config or a config path); returns the run directory.
 
-    ``resume``: a run directory or checkpoint; model, optimizer, scheduler, EMA, epoch/step and RNG are
-    restored and the run continues in that directory.
+    ``resume``: a run directory or checkpoint; model, optimizer, scheduler, EMA, epoch, step and the position in
+    the epoch are restored and the run continues in that directory exactly as if it had not stopped. The config
+    (with any overrides) replaces the run's ``config.yaml`` only once the resumed training has started; the change
+    is recorded in ``resumes.jsonl``. A Ctrl-C or SIGTERM saves ``last.ckpt`` and raises :class:`Interrupted`.
     """
     from detkit.engine.module import DetectionModule
 
@@ -147,11 +151,16 @@ def train(cfg: DictConfig | str | Path | None, overrides: list[str] | tuple[str,
         dm.setup("fit")
         train_set = dm.dataset("train")
         module = DetectionModule(cfg, classes=dm.classes, cat_ids=list(train_set.cat_ids) if train_set else None)
-        trainer = build_trainer(cfg, out, callbacks=callbacks)
-        if trainer.is_global_zero:
-            out.mkdir(parents=True, exist_ok=True)
-            write_text(to_yaml(cfg), out / "config.yaml")
-        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt is not None else None)
+        writer = ConfigWriter(out, cfg, resumed_from=ckpt)
+        trainer = build_trainer(cfg, out, callbacks=[writer, *(callbacks or [])])
+        if trainer.is_global_zero and ckpt is None:
+            writer.write()
+        fit_or_explain(trainer, module, dm, ckpt)
+        last = next(c for c in trainer.callbacks if isinstance(c, LastCheckpoint))
+        if last.stopped_by is not None:
+            name = signal.Signals(last.stopped_by).name
+            raise Interrupted(f"{name}: training stopped at step {trainer.global_step} ({last.path} saved); "
+                              f"continue with: detkit train --resume {out}", last.stopped_by)
         if module.evaluator is not None and module.validated_step != trainer.global_step and not trainer.interrupted:
             final_validation(trainer, module, dm, out)
     finally:
@@ -159,6 +168,23 @@ def train(cfg: DictConfig | str | Path | None, overrides: list[str] | tuple[str,
     if module.skipped:
         log.warning("%d images could not be read and were skipped (see the warnings above)", module.skipped)
     return out
+
+
+PEER_FAILURE = ("closed by peer", "Connection reset", "Broken pipe", "Timed out", "timed out", "NCCL error",
+                "DistBackendError", "DistNetworkError")
+
+
+def fit_or_explain(trainer: L.Trainer, module, dm, ckpt: Path | None) -> None:
+    """``trainer.fit``; under DDP a process whose collective fails because another process died stops with one
+    line saying so (the other process prints the cause) instead of a transport traceback."""
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt is not None else None)
+    except RuntimeError as e:
+        text = f"{type(e).__name__}: {e}"
+        if trainer.world_size > 1 and any(s in text for s in PEER_FAILURE):
+            raise TrainingError(f"process {trainer.global_rank}: another process of this run stopped (its error says "
+                                f"why); stopping too") from None
+        raise
 
 
 def final_validation(trainer: L.Trainer, module, dm, out: Path) -> None:

@@ -8,7 +8,6 @@ so a file that would run code when unpickled is refused with one line naming it.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from detkit.config.loader import validate
 from detkit.errors import ConfigError
 from detkit.models.base import Model
 from detkit.models.build import build_model
+from detkit.utils.io import torch_load_data
 
 STATE_PREFIX = "model."  # the engine's LightningModule keeps the model as its `model` attribute
 
@@ -46,15 +46,10 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     file that is not one, or that holds anything but tensors and plain containers."""
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "global" in str(e).lower():  # a class or function reference: what a pickle uses to run code
-            raise ConfigError(f"{path}: refused: the file holds Python objects besides tensors and plain data, and "
-                              f"loading it could run code (detkit reads checkpoints with weights_only=True)") from None
-        detail = next((line for line in str(e).splitlines() if "Unsupported" in line), _first_line(e))
-        raise ConfigError(f"{path}: not a readable checkpoint (UnpicklingError: {detail.strip()})") from None
-    except Exception as e:  # a truncated or foreign file
-        raise ConfigError(f"{path}: not a readable checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+        ckpt = torch_load_data(path, map_location)
+    except ValueError as e:  # UnsafeFile included: one line naming the file
+        msg = str(e).replace("not a readable torch file", "not a readable checkpoint")
+        raise ConfigError(msg) from None
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hp, dict) or "config" not in hp or "state_dict" not in ckpt:
         raise ConfigError(f"{path}: not a detkit checkpoint (no config/state_dict inside)")
@@ -91,8 +86,3 @@ def load_model(path: str | Path, config: Any = None, device: str | torch.device 
     model.classes = [str(c) for c in hp.get("classes") or []]
     model.cat_ids = list(hp.get("cat_ids") or [])
     return model.eval().to(device)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else ""
