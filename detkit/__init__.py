@@ -39,11 +39,12 @@ def train(cfg, overrides=(), *, resume=None, callbacks=None):
     return _train(cfg, overrides, resume=resume, callbacks=callbacks)
 
 
-def evaluate(target, checkpoint=None, overrides=(), split="val"):
-    """See :func:`detkit.engine.evaluate`: (metrics, output directory) of a run directory or config."""
+def evaluate(target, checkpoint=None, overrides=(), split="val", out=None):
+    """See :func:`detkit.engine.evaluate`: (metrics, run directory) of a run directory or config; ``split`` other
+    than val writes ``metrics_<split>.json`` etc., ``out`` a metrics file of its own."""
     from detkit.engine import evaluate as _evaluate
 
-    return _evaluate(target, checkpoint, overrides, split=split)
+    return _evaluate(target, checkpoint, overrides, split=split, out=out)
 
 
 __all__ = ["ConfigError", "DetkitError", "PretrainedError", "__version__", "build_backbone", "build_model",

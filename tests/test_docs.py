@@ -30,14 +30,6 @@ SHELL_LANGUAGES = ("bash", "sh", "shell")
 SEPARATORS = (";", "&&", "||", "|", "&")
 REDIRECTS = (">", ">>", "<", "2>", "&>")
 
-# Blocks of pages this change did not write (their authors may add the <!-- no-test --> marker instead):
-# (page name, a piece of the block) -> why it is not run.
-NOT_RUN = {
-    ("studies.md", "run_design_space("): "runs two design-space studies and a transfer study (hours of training)",
-    ("architecture.md", 'HEADS.register("centernet"'): "a line to add to detkit/heads/registry.py, not a script",
-}
-
-
 def rel(page: Path) -> str:
     return page.relative_to(ROOT).as_posix()
 
@@ -258,9 +250,7 @@ def python_blocks() -> list:
             if language != "python":
                 continue
             n += 1
-            reason = marker or next((why for (name, piece), why in NOT_RUN.items()
-                                     if name == page.name and piece in body), None)
-            marks = [pytest.mark.skip(reason=f"no-test: {reason}")] if reason else []
+            marks = [pytest.mark.skip(reason=f"no-test: {marker}")] if marker else []
             params.append(pytest.param(page, body, id=f"{rel(page)}:{n}", marks=marks))
     return params
 

@@ -39,6 +39,7 @@ from detkit.analysis.study import (
 )
 from detkit.backbones.regnet import RegNetStages
 from detkit.errors import ConfigError
+from detkit.utils.lock import FolderLock
 
 log = logging.getLogger(__name__)
 ANYNET_COLUMNS = [f"{p}{i}" for p in "dwbg" for i in range(1, 5)]
@@ -111,6 +112,11 @@ def run_design_space(spaces: Sequence[str], n: int, task: str | Path, *, out: st
     if n < 1:
         raise ConfigError(f"--n {n}: need at least one sample")
     base = task_settings(task, overrides)  # a bad task or override is one line now, not a failure per sample
+    with FolderLock(out, "design-space study"):
+        return _run_spaces(spaces, n, task, out, overrides, budget, seed, retry_failed, base)
+
+
+def _run_spaces(spaces, n, task, out, overrides, budget, seed, retry_failed, base) -> list[dict[str, Any]]:
     plans = []
     for space in spaces:  # draw every space first: an impossible budget fails before anything trains
         sdir = out / space

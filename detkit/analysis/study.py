@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from detkit.engine.callbacks import LastCheckpoint
 from detkit.errors import ConfigError
 from detkit.utils.io import write_json
 
@@ -91,9 +92,9 @@ def one_line(e: BaseException) -> str:
 class _Termination:
     """While a study runs, SIGTERM stops it like Ctrl-C: the running trial stays unrecorded and resumes next time.
 
-    Lightning's own SIGTERM handler calls this one too (it keeps existing handlers). Raising ``KeyboardInterrupt``
-    here ends ``fit`` the way Ctrl-C does; ``received`` also catches the case where the signal reached the data
-    loader workers first and the trial fails because of that, which must not be recorded as the trial's failure.
+    During training the engine's own handler takes over (it stops after the current step with ``last.ckpt`` saved
+    and raises ``Interrupted``, a ``KeyboardInterrupt``); between trials this one raises ``KeyboardInterrupt``. A
+    trial that fails after a signal (a data loader worker killed by the same signal) is not recorded as failed.
     """
 
     received = False
@@ -159,6 +160,7 @@ def run_trial(task: str | Path, overrides: Sequence[str], trial: Trial, out: Pat
     attempts_path = run_dir / "attempts.json"  # seconds spent by earlier, interrupted or failed attempts
     earlier = json.loads(attempts_path.read_text()) if attempts_path.is_file() else []
     start = time.perf_counter()
+    signals = LastCheckpoint.signals_seen
     try:
         cfg = load_config(task, [*overrides, *trial.overrides])
         cfg.output_dir = str(run_dir)
@@ -180,7 +182,8 @@ def run_trial(task: str | Path, overrides: Sequence[str], trial: Trial, out: Pat
         (run_dir / "error.txt").unlink(missing_ok=True)
         log.info("  %s: %s = %.4f (%.0f s)", trial.name, metric, value, record["train_s"])
     except Exception as e:  # a failing trial is recorded; the study goes on
-        if _Termination.received:  # it failed because the study is being terminated: not the trial's failure
+        if _Termination.received or LastCheckpoint.signals_seen > signals:
+            # it failed because the study is being stopped (e.g. a worker killed by the same signal): not a failure
             raise KeyboardInterrupt("terminated") from e
         record.update(status="failed", failure=one_line(e), train_s=round(time.perf_counter() - start, 2))
         run_dir.mkdir(parents=True, exist_ok=True)

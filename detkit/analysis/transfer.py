@@ -38,6 +38,7 @@ from detkit.analysis.study import (
     write_table,
 )
 from detkit.errors import ConfigError
+from detkit.utils.lock import FolderLock
 
 log = logging.getLogger(__name__)
 SCRATCH = ("none", "null", "scratch")
@@ -143,11 +144,12 @@ def run_transfer(task: str | Path, backbones: Sequence[str], *, pretrained: Sequ
     if clash:
         raise ConfigError(f"--backbones/--pretrained: two settings would share the run folder {clash[0]} (e.g. "
                           f"weights files with the same name); rename one")
-    check_settings(out, task_settings(task, overrides))
-    results = run_trials(task, overrides, trials, out,
-                         measure=lambda run_dir, cfg: measure_model(run_dir, cfg, latency=latency),
-                         retry_failed=retry_failed, remeasure=remeasure)
-    return write_report(results, out)
+    with FolderLock(out, "transfer study"):  # a second process on this folder is refused
+        check_settings(out, task_settings(task, overrides))
+        results = run_trials(task, overrides, trials, out,
+                             measure=lambda run_dir, cfg: measure_model(run_dir, cfg, latency=latency),
+                             retry_failed=retry_failed, remeasure=remeasure)
+        return write_report(results, out)
 
 
 COLUMNS = ["backbone", "pretrained", "input", "runs", "backbone_params", "backbone_flops", "backbone_activations",

@@ -31,21 +31,23 @@ def _eval(args: argparse.Namespace) -> int:
     from detkit.evaluation import format_table
 
     if args.predictions:
+        if args.target:  # no RUN_DIR/CONFIG with --predictions: a key=value there is an override
+            if "=" not in args.target:
+                raise DetkitError(f"{args.target}: with --predictions give the ground truth as --ground-truth, not "
+                                  f"a RUN_DIR or CONFIG")
+            args.overrides.insert(0, args.target)
         metrics, out = _eval_predictions(args)
     else:
-        from detkit.engine import evaluate
+        from detkit.engine.run import evaluate, evaluation_outputs
 
         if not args.target:
             raise DetkitError("give a RUN_DIR or CONFIG (or --predictions with --ground-truth)")
-        metrics, run = evaluate(args.target, args.checkpoint, args.overrides, split=args.split)
+        metrics, run = evaluate(args.target, args.checkpoint, args.overrides, split=args.split, out=args.out)
         if not is_main_process():
             return 0
-        out = Path(args.out) if args.out else run / "metrics.json"
-        if args.out:
-            from detkit.utils.io import write_json
-
-            write_json(metrics, out)
-        plots = run / "confusion_matrix.png" if "mIoU" in metrics else run / "pr_curves"
+        files = evaluation_outputs(run, args.split, args.out)
+        out = files["metrics"]
+        plots = files["confusion_matrix"] if "mIoU" in metrics else files["pr_curves"]
         print(f"{'confusion matrix' if 'mIoU' in metrics else 'PR curves'}: {plots}")
     print(format_table(metrics))
     print(f"metrics: {out}")
@@ -74,7 +76,9 @@ def _eval_predictions(args: argparse.Namespace):
     else:
         ground_truth = gt
     metrics = score_predictions(args.predictions, ground_truth, metric=args.metric, cat_to_label=cat_to_label)
-    out = Path(args.out) if args.out else Path(args.predictions).with_name("metrics.json")
+    predictions = Path(args.predictions)
+    # beside the predictions, under their own name: a run's own metrics.json is never replaced
+    out = Path(args.out) if args.out else predictions.with_name(f"{predictions.stem}_metrics.json")
     write_json(metrics, out)
     return metrics, out
 
@@ -83,7 +87,7 @@ def _predict(args: argparse.Namespace) -> int:
     from detkit.inference import Predictor, expand_inputs
     from detkit.inference.run import format_summary, predict_files
 
-    files = expand_inputs(args.inputs)
+    files = expand_inputs(args.inputs, exclude=args.out)  # not the outputs of an earlier run into an input folder
     if not files:
         raise DetkitError(f"no images found in {' '.join(args.inputs)}")
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
@@ -124,7 +128,10 @@ def add_parsers(sub) -> None:
     ev.add_argument("--ground-truth", default=None, metavar="GT.json|CONFIG",
                     help="with --predictions: a COCO instances file or a config's dataset (--split)")
     ev.add_argument("--metric", default="all", choices=("coco", "voc07", "voc12", "all"))
-    ev.add_argument("--out", default=None, help="where to write metrics.json")
+    ev.add_argument("--out", default=None, metavar="FILE.json",
+                    help="write the metrics here (predictions and plots beside it); default: the run directory, "
+                         "under names that carry the split (metrics_test.json, ...), or for --predictions "
+                         "PRED_metrics.json beside them")
     ev.set_defaults(func=_eval)
 
     pr = sub.add_parser("predict", help="run a trained model over images, folders or globs")

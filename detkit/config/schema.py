@@ -136,6 +136,8 @@ class DataConfig:
     size_divisor: int = 32  # batches are padded to a multiple of this
     with_masks: bool | None = None  # decode instance masks (default: when the head's traits ask for them)
     generate: str | None = choice(None, None, "shapes")  # make the dataset at ../.. of train.annotations if absent
+    # an image whose header claims more pixels is skipped (counted, named) before it is decoded; null: Pillow's limit
+    max_image_pixels: int | None = None
 
 
 @dataclass
@@ -176,6 +178,8 @@ class EvalConfig:
     metrics: list[str] = field(default_factory=lambda: ["coco", "voc07", "voc12"])
     backend: str = choice("pycocotools", "pycocotools", "faster_coco_eval")
     main_metric: str = "bbox_AP"
+    # unreadable validation images: an error (false), or scored without them and counted in metrics.json (true)
+    skip_unreadable: bool = False
 
 
 @dataclass

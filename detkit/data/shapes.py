@@ -10,7 +10,9 @@
 Each image holds 1-5 shapes (circle, square, triangle, star) of random colour, size (8-45 % of the image)
 and rotation; later shapes may occlude earlier ones (each keeps at least 40 % of its area visible). The
 background is smooth colour noise plus a stripe or checker texture, and the whole image gets pixel noise
-and JPEG compression. Everything follows from ``seed``: the same seed writes the same bytes.
+and JPEG compression. Everything follows from ``seed``: the same seed writes the same bytes. The set is written
+into a hidden ``.<name>.partial-<pid>`` folder beside ``out`` and renamed when complete, so a generation killed
+half-way is made again next time instead of being taken for a finished one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from detkit.errors import ConfigError, DataError
+from detkit.utils.lock import pid_alive
 
 CLASSES = ("circle", "square", "triangle", "star")
 SPLITS = {"train": 0, "val": 1}
@@ -116,6 +121,29 @@ def make_shapes(out: str | Path, num_images: int = 240, image_size: int = 128, s
     if image_size < 32:
         raise DataError(f"make-shapes: --image-size {image_size}: need at least 32 pixels")
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()):
+        raise DataError(f"make-shapes: {out} exists and is not empty (remove it, or choose another folder)")
+    # written into a hidden sibling folder and renamed: a killed generation never looks complete
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    counts = _write_shapes(tmp, out, num_images, image_size, seed, val_fraction)
+    try:
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "dataset.yaml").is_file():  # not another process's finished copy of the same set
+            raise
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by killed generations (not running ones)
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return counts
+
+
+def _write_shapes(out: Path, final: Path, num_images: int, image_size: int, seed: int,
+                  val_fraction: float) -> dict[str, int]:
     num_val = max(1, round(num_images * val_fraction))
     counts = {"train": num_images - num_val, "val": num_val}
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
@@ -142,7 +170,7 @@ def make_shapes(out: str | Path, num_images: int = 240, image_size: int = 128, s
         coco = {"info": {"description": f"detkit shapes (seed {seed})", "version": "1"}, "licenses": [],
                 "images": images, "annotations": annotations, "categories": categories}
         (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
-    (out / "dataset.yaml").write_text(_dataset_yaml(out, image_size))
+    (out / "dataset.yaml").write_text(_dataset_yaml(final, image_size))  # the last file: the set is complete
     return counts
 
 

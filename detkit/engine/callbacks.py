@@ -99,7 +99,10 @@ class LastCheckpoint(Checkpoint):
         self._previous: dict[int, Any] = {}
 
     # ---------------------------------------------------------------------------------------------- signals
+    signals_seen = 0  # in this process (a study tells an interruption from a failure by it)
+
     def _handle(self, signum: int, frame: Any) -> None:
+        type(self).signals_seen += 1
         if self.signal is not None:  # the second one: stop at once
             raise KeyboardInterrupt(f"signal {signum}")
         self.signal = signum

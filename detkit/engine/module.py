@@ -132,11 +132,13 @@ class DetectionModule(L.LightningModule):
 
     # -------------------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
+        self.val_unreadable: list[str] = []
         if self.evaluator is not None:
             self.evaluator.reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._count_skipped(batch)
+        self.val_unreadable.extend(batch.get("skipped") or [])
         if not batch["targets"]:
             return
         predictions = self.model.predict(batch)
@@ -147,8 +149,11 @@ class DetectionModule(L.LightningModule):
         if self.evaluator is None or self.trainer.sanity_checking:
             return
         self.evaluator.gather()
+        unreadable = self.unreadable_validation_images()
         limit = self.trainer.limit_val_batches  # a limited validation is scored on the images it saw
-        self.metrics = self.evaluator.compute(only_seen=limit is not None and limit != 1.0)
+        self.metrics = self.evaluator.compute(only_seen=bool(unreadable) or (limit is not None and limit != 1.0))
+        if unreadable:
+            self.metrics["images_unreadable"] = len(unreadable)
         self.validated_step = self.global_step
         scalars = {f"val/{k}": float(v) for k, v in self.metrics.items()
                    if isinstance(v, int | float) and v is not None and math.isfinite(v)}
@@ -157,6 +162,26 @@ class DetectionModule(L.LightningModule):
             log.warning("%s is null on this validation set (nothing to measure): logged as 0", main[4:])
         self.log(main, scalars.pop(main, 0.0), prog_bar=True, sync_dist=True)
         self.log_dict(scalars, sync_dist=True)
+
+    def unreadable_validation_images(self) -> list[str]:
+        """The validation images that could not be read (every process's). Scoring without them would describe
+        part of the set: an error naming them, unless ``eval.skip_unreadable`` allows it (their ground truth is then
+        left out too, and ``metrics.json`` counts them in ``images_unreadable``)."""
+        found = list(getattr(self, "val_unreadable", []))
+        if self.trainer.world_size > 1:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * self.trainer.world_size
+            dist.all_gather_object(gathered, found)
+            found = sorted({m for part in gathered for m in part})
+        if found and not self.cfg.eval.skip_unreadable:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise DataError(f"{len(found)} validation image(s) cannot be read, so the metrics would describe part "
+                            f"of the set: {found[0]}{more}; fix or remove them, or set eval.skip_unreadable=true to "
+                            f"score the readable images only")
+        if found:
+            log.warning("scoring without %d unreadable validation images (eval.skip_unreadable)", len(found))
+        return found
 
     # -------------------------------------------------------------------------------------- optimizers
     def configure_optimizers(self):

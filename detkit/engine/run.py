@@ -211,13 +211,29 @@ def load_checkpoint(path: str | Path, cfg: DictConfig | None = None, map_locatio
     return module
 
 
-def evaluate(target: str | Path, checkpoint: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-             split: str = "val", plots: bool = True) -> tuple[dict[str, Any], Path]:
-    """Validate a run directory (its best checkpoint) or a config + ``checkpoint``; returns (metrics, out dir).
+def evaluation_outputs(run: Path, split: str, out: str | Path | None = None) -> dict[str, Path]:
+    """Where an evaluation writes: ``metrics``, ``predictions`` (COCO results), ``pr_curves`` (a folder) and
+    ``confusion_matrix`` (a PNG). The validation split goes to the run's own names; another split to names that
+    carry it (``metrics_test.json``, ...), so a run's validation results are never replaced; ``out`` (a metrics
+    file) puts everything beside it instead (``<stem>_predictions.json``, ...)."""
+    if out is not None:
+        out = Path(out)
+        base, tag = out.parent, out.stem
+        return {"metrics": out, "predictions": base / f"{tag}_predictions.json", "pr_curves": base / f"{tag}_pr_curves",
+                "confusion_matrix": base / f"{tag}_confusion_matrix.png"}
+    suffix = "" if split == "val" else f"_{split}"
+    return {"metrics": run / f"metrics{suffix}.json", "predictions": run / f"predictions{suffix}.json",
+            "pr_curves": run / f"pr_curves{suffix}", "confusion_matrix": run / f"confusion_matrix{suffix}.png"}
 
-    Writes ``metrics.json``, ``predictions.json`` (the scored detections as COCO results with the dataset's own
-    ids) and ``pr_curves/*.png`` (segmenters: ``confusion_matrix.png``) into the run directory (or the config's
-    ``output_dir``).
+
+def evaluate(target: str | Path, checkpoint: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+             split: str = "val", plots: bool = True, out: str | Path | None = None) -> tuple[dict[str, Any], Path]:
+    """Validate a run directory (its best checkpoint) or a config + ``checkpoint``; returns (metrics, the run
+    directory; the files written are :func:`evaluation_outputs` of it).
+
+    Writes the metrics, the scored detections as COCO results with the dataset's own ids, and PR curves
+    (segmenters: the confusion matrix) into the run directory (or the config's ``output_dir``), under names that
+    carry the split unless it is ``val``, or beside ``out``.
     """
     from detkit.engine.callbacks import write_metrics
 
@@ -227,34 +243,39 @@ def evaluate(target: str | Path, checkpoint: str | Path | None = None, overrides
             raise ConfigError(f"{target}: not a run directory (no config.yaml)")
         cfg = load_config(target / "config.yaml", list(overrides))
         ckpt = Path(checkpoint) if checkpoint else resolve_checkpoint(target, "best")
-        out = target
+        run = target
     else:
         if checkpoint is None:
             raise ConfigError(f"{target}: evaluating a config needs --checkpoint (or give a run directory)")
         cfg = load_config(target, list(overrides))
-        ckpt, out = Path(checkpoint), Path(os.environ.get(RUN_DIR_ENV) or cfg.output_dir)
+        ckpt, run = Path(checkpoint), Path(os.environ.get(RUN_DIR_ENV) or cfg.output_dir)
     check_config(cfg)
     if split != "val":
         if cfg.data[split].format is None:
             raise ConfigError(f"data.{split} is not configured: cannot evaluate on it")
         cfg.data.val = cfg.data[split]
-    os.environ[RUN_DIR_ENV] = str(out)
+    files = evaluation_outputs(run, split, out)
+    os.environ[RUN_DIR_ENV] = str(run)
     try:
         module = load_checkpoint(resolve_checkpoint(ckpt, "best"), cfg)
         dm = build_datamodule(cfg)
-        trainer = build_trainer(cfg, out, fit=False)
+        trainer = build_trainer(cfg, run, fit=False)
         trainer.validate(module, datamodule=dm, verbose=False)
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
     metrics = module.metrics
     if trainer.is_global_zero:
-        write_metrics(metrics, out / "metrics.json")
-        if module.evaluator is not None and hasattr(module.evaluator, "results"):
+        write_metrics(metrics, files["metrics"])
+        evaluator = module.evaluator
+        if evaluator is not None and hasattr(evaluator, "results"):
             from detkit.evaluation import results_to_dataset_ids
 
             # the scored detections, with the dataset's own image and category ids (COCO results format)
-            results = results_to_dataset_ids(module.evaluator.results(), list(dm.dataset("val").cat_ids))
-            write_json(results, out / "predictions.json", indent=None)
-        if module.evaluator is not None and plots:
-            module.evaluator.save_plots(out)
-    return metrics, out
+            results = results_to_dataset_ids(evaluator.results(), list(dm.dataset("val").cat_ids))
+            write_json(results, files["predictions"], indent=None)
+        if evaluator is not None and plots:
+            if hasattr(evaluator, "plot_pr_curves"):
+                evaluator.plot_pr_curves(files["pr_curves"])
+            else:
+                evaluator.plot_confusion_matrix(files["confusion_matrix"])
+    return metrics, run

@@ -160,8 +160,9 @@ def select_classes(wanted: str | Sequence[str] | None, classes: Sequence[str]) -
     return names
 
 
-def expand_inputs(inputs: Iterable[str]) -> list[Path]:
-    """Files, folders (recursive) and globs -> image paths (sorted per input, no duplicates)."""
+def expand_inputs(inputs: Iterable[str], exclude: str | Path | None = None) -> list[Path]:
+    """Files, folders (recursive) and globs -> image paths (sorted per input, no duplicates). Images inside
+    ``exclude`` (the output folder of an earlier prediction into an input folder) are left out."""
     import glob
 
     found: list[Path] = []
@@ -177,7 +178,12 @@ def expand_inputs(inputs: Iterable[str]) -> list[Path]:
                 raise DataError(f"{item}: no such file, folder or matching glob")
             found += [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
     seen, unique = set(), []
+    skip = Path(exclude).resolve() if exclude is not None else None
+    if skip is not None and skip in {Path(i).resolve() for i in inputs}:
+        skip = None  # predicting into the input folder itself: its images are the inputs
     for f in found:
+        if skip is not None and f.resolve().is_relative_to(skip):
+            continue
         if f.resolve() not in seen:
             seen.add(f.resolve())
             unique.append(f)

@@ -50,6 +50,7 @@ def predict_files(predictor: Predictor, files: list[Path], out: str | Path, draw
     per_class: Counter[str] = Counter()
     skipped: list[str] = []
     written: set[str] = set()
+    inputs = {p.resolve() for p in files}
     start, done, detections = time.perf_counter(), 0, 0
     bs = predictor.batch_size
     for i in range(0, len(files), bs):
@@ -65,11 +66,7 @@ def predict_files(predictor: Predictor, files: list[Path], out: str | Path, draw
             continue
         for f, image, pred in zip(chunk, images, predictor(images)):
             done += 1
-            name = f.stem
-            n = 1
-            while name in written:  # same stem in two folders, or x.png and x.jpg: keep both outputs
-                name, n = f"{f.stem}-{n}", n + 1
-            written.add(name)
+            name = output_name(f, out, written, inputs)
             if "semantic" in pred:
                 semantic = pred["semantic"].numpy().astype(np.uint8)
                 Image.fromarray(semantic).save(out / f"{name}_labels.png")
@@ -91,6 +88,20 @@ def predict_files(predictor: Predictor, files: list[Path], out: str | Path, draw
     return {"task": predictor.task, "images": done, "skipped": len(skipped), "skipped_files": skipped,
             "detections": detections, "per_class": dict(per_class), "classes": predictor.keep_classes,
             "images_per_s": done / elapsed if elapsed > 0 else 0.0, "seconds": elapsed, "out": str(out)}
+
+
+OUTPUT_SUFFIXES = (".jpg", "_labels.png")  # what predict writes per image: out/<name>.jpg, out/<name>_labels.png
+
+
+def output_name(file: Path, out: Path, taken: set[str], inputs: set[Path]) -> str:
+    """The name of ``file``'s outputs in ``out``: its stem, or ``<stem>-1``, ``-2``, ... when that is taken by an
+    image with the same stem (from another folder, or x.png beside x.jpg) or when an output would land on an input
+    file (``--out`` equal to or inside an input folder): an input is never overwritten."""
+    name, n = file.stem, 1
+    while name in taken or any((out / f"{name}{s}").resolve() in inputs for s in OUTPUT_SUFFIXES):
+        name, n = f"{file.stem}-{n}", n + 1
+    taken.add(name)
+    return name
 
 
 def detection_results(predictor: Predictor, pred: dict[str, Any], image_id: int, file_name: str
