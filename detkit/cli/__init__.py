@@ -21,8 +21,15 @@ from detkit.errors import DetkitError
 __all__ = ["budget_range", "build_parser", "int_list", "main", "nonnegative_int", "positive_int"]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage is one ``-h`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="detkit", description="Detection and segmentation on swappable backbones.")
+    parser = Parser(prog="detkit", description="Detection and segmentation on swappable backbones.")
     parser.add_argument("--version", action="version", version=f"detkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -115,3 +115,30 @@ def nonnegative_int(text: str) -> int:
 
 def positive_int(text: str) -> int:
     return _int_at_least(text, 1, "is not a positive integer")
+
+
+def finite_float(text: str) -> float:
+    """A finite number (``nan`` and ``inf`` are refused in one line)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """A number in [0, 1] (a score or IoU threshold)."""
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not in [0, 1]")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """A seed: an integer in [0, 2**32 - 1]."""
+    value = nonnegative_int(text)
+    if value > 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"{value} is above 2**32 - 1")
+    return value

@@ -9,16 +9,16 @@ import logging
 import sys
 from pathlib import Path
 
-from detkit.cli.args import add_dataset_args, dataset_from_args, positive_int
+from detkit.cli.args import add_dataset_args, dataset_from_args, finite_float, positive_int, seed_int
 from detkit.errors import DetkitError
 
 
 def _config_show(args: argparse.Namespace) -> int:
     from detkit.config import load_config, to_yaml
-    from detkit.models import check_model_config
+    from detkit.engine.run import check_config
 
     cfg = load_config(args.config, args.overrides)
-    check_model_config(cfg)  # part names against their registries
+    check_config(cfg)  # part names against their registries, every part's settings
     sys.stdout.write(to_yaml(cfg))
     return 0
 
@@ -199,7 +199,7 @@ def add_parsers(sub) -> None:
     show.add_argument("--out", required=True, help="folder for the PNGs")
     show.add_argument("-n", type=positive_int, default=16, help="number of samples (default 16)")
     show.add_argument("--image-size", type=positive_int, default=None, help="default: data.image_size")
-    show.add_argument("--seed", type=int, default=0)
+    show.add_argument("--seed", type=seed_int, default=0)
     show.set_defaults(func=_data_show)
     convert = data_sub.add_parser("convert", help="write a voc / yolo / instance_masks dataset as COCO JSON")
     add_dataset_args(convert, config=False)
@@ -210,7 +210,7 @@ def add_parsers(sub) -> None:
     shapes.add_argument("out", help="output folder")
     shapes.add_argument("--num-images", type=positive_int, default=240, help="train + val images (default 240)")
     shapes.add_argument("--image-size", type=positive_int, default=128, help="square image size (default 128)")
-    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--seed", type=seed_int, default=0)
     shapes.set_defaults(func=_data_make_shapes)
     anchors = data_sub.add_parser("anchors", help="k-means anchors (1 - IoU) for the YOLO-style head, with BPR and "
                                                    "mean IoU, as a config override")
@@ -221,10 +221,10 @@ def add_parsers(sub) -> None:
                               "YOLO config, else 3)")
     anchors.add_argument("--image-size", type=positive_int, default=None,
                          help="longest side of the network input (default: data.image_size)")
-    anchors.add_argument("--ratio-thresh", type=float, default=None,
+    anchors.add_argument("--ratio-thresh", type=finite_float, default=None,
                          help="the head's matching rule max(w/aw, aw/w, h/ah, ah/h) < this, for the BPR (default: "
                               "model.head.params.ratio_thresh of a YOLO config, else 4.0)")
-    anchors.add_argument("--seed", type=int, default=0)
+    anchors.add_argument("--seed", type=seed_int, default=0)
     anchors.add_argument("--iters", type=positive_int, default=300, help="k-means iterations at most (default 300)")
     anchors.add_argument("--out", default=None, help="also write the YAML snippet to this file")
     anchors.set_defaults(func=_data_anchors)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from detkit.cli.args import is_main_process, positive_int, split_config_and_overrides
+from detkit.cli.args import is_main_process, positive_int, split_config_and_overrides, unit_float
 from detkit.errors import DetkitError
 
 
@@ -138,7 +138,7 @@ def add_parsers(sub) -> None:
     pr.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT")
     pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
     pr.add_argument("--out", default="runs/predict", help="folder for drawn images and predictions.json")
-    pr.add_argument("--score-threshold", type=float, default=0.3)
+    pr.add_argument("--score-threshold", type=unit_float, default=0.3, help="in [0, 1] (default 0.3)")
     pr.add_argument("--batch-size", type=positive_int, default=4)
     pr.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     pr.add_argument("--classes", default=None, metavar="A,B",

@@ -12,6 +12,7 @@ Every mistake becomes one :class:`~detkit.errors.ConfigError` line naming the so
 from __future__ import annotations
 
 import difflib
+import math
 import typing
 import warnings
 from collections.abc import Iterable, Sequence
@@ -159,7 +160,33 @@ def _expected_type(schema: DictConfig, full_key: str) -> str:
     return f"{name} or null" if nullable else name
 
 
+RANGE_WORDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+RANGE_TESTS = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b, "lt": lambda v, b: v < b}
+
+
+def _check_value(key: str, value: Any, metadata: Any, source: str) -> None:
+    """One key's value against its ``choices`` or ``range`` metadata; every float must be finite."""
+    if "choices" in metadata and value not in metadata["choices"]:
+        allowed = ", ".join("null" if c is None else str(c) for c in metadata["choices"])
+        raise ConfigError(f"{source}: config key '{key}' = {value!r}: expected one of {allowed}")
+    values = list(value) if isinstance(value, ListConfig | list) else [value]
+    for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{source}: config key '{key}' = {_plain(value)!r}: expected a finite number")
+        bounds = metadata.get("range") or {}
+        if isinstance(v, int | float) and not isinstance(v, bool) and bounds:
+            if not all(RANGE_TESTS[k](v, b) for k, b in bounds.items()):
+                want = " and ".join(f"{RANGE_WORDS[k]} {b}" for k, b in bounds.items())
+                what = "values" if isinstance(value, ListConfig | list) else "a value"
+                raise ConfigError(f"{source}: config key '{key}' = {_plain(value)!r}: expected {what} {want}")
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+
+
 def _check_choices(cfg: DictConfig, source: str) -> None:
+    """``choices`` and ``range`` metadata of the schema, and finite floats, over the whole config."""
     from dataclasses import fields, is_dataclass
 
     def walk(node: DictConfig, prefix: str) -> None:
@@ -168,13 +195,10 @@ def _check_choices(cfg: DictConfig, source: str) -> None:
             return
         for f in fields(cls):
             value = node._get_node(f.name)
-            if isinstance(value, DictConfig):
+            if isinstance(value, DictConfig) and not _is_free_form(value):
                 walk(value, f"{prefix}{f.name}.")
-            elif "choices" in f.metadata and not OmegaConf.is_interpolation(node, f.name):
-                v = node[f.name]
-                if v not in f.metadata["choices"]:
-                    allowed = ", ".join("null" if c is None else str(c) for c in f.metadata["choices"])
-                    raise ConfigError(f"{source}: config key '{prefix}{f.name}' = {v!r}: expected one of {allowed}")
+            elif not OmegaConf.is_interpolation(node, f.name) and not isinstance(value, DictConfig):
+                _check_value(f"{prefix}{f.name}", node[f.name], f.metadata, source)
 
     walk(cfg, "")
 

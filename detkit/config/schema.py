@@ -3,7 +3,8 @@
 Every key a config may set is declared here, with its type and default. The dataclasses map onto
 constructor arguments of the parts they configure (``model.backbone`` -> :func:`detkit.backbones.build_backbone`,
 ``model.neck`` -> :func:`detkit.necks.build_neck`, ...). Keys whose value must be one of a few words carry
-``choices`` metadata, checked after loading (see :mod:`detkit.config.loader`). The names of parts
+``choices`` metadata, numbers that have bounds ``range`` metadata (:func:`ranged`), checked after loading (see
+:mod:`detkit.config.loader`); no float anywhere may be NaN or infinite. The names of parts
 (``model.backbone.name``, ``model.neck.name``, ``model.head.name``) are not listed here: each is checked against its
 registry (``detkit.models.check_model_config``), the one place that knows them.
 
@@ -22,6 +23,16 @@ def choice(default: Any, *choices: Any) -> Any:
     return field(default=default, metadata={"choices": tuple(choices)})
 
 
+def ranged(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None, factory: Any = None) -> Any:
+    """A number (or list of numbers) within bounds: ``ge``/``gt`` below, ``le``/``lt`` above (checked by the
+    loader, with every float of the config also checked to be finite)."""
+    meta = {"range": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class RegNetParams:
     """A point of the RegNet design space (used when ``model.backbone.name: regnet``).
@@ -30,13 +41,13 @@ class RegNetParams:
     multiple of 8); blocks of equal width form a stage.
     """
 
-    depth: int = 22
-    w0: int = 24
-    wa: float = 24.48
-    wm: float = 2.54
-    group_width: int = 16
-    bottleneck_ratio: float = 1.0
-    se_ratio: float = 0.0
+    depth: int = ranged(22, ge=1)
+    w0: int = ranged(24, ge=8)
+    wa: float = ranged(24.48, gt=0)
+    wm: float = ranged(2.54, gt=1)
+    group_width: int = ranged(16, ge=1)
+    bottleneck_ratio: float = ranged(1.0, gt=0)
+    se_ratio: float = ranged(0.0, ge=0, lt=1)
 
 
 @dataclass
@@ -44,10 +55,10 @@ class AnyNetParams:
     """Any 4-stage (or n-stage) X-block network, stage by stage (used when ``model.backbone.name: anynet``): the
     form every sample of a design space takes (``detkit design-space``). Defaults: RegNetX-400MF's stages."""
 
-    depths: list[int] = field(default_factory=lambda: [1, 2, 7, 12])
-    widths: list[int] = field(default_factory=lambda: [32, 64, 160, 400])
-    group_widths: list[int] = field(default_factory=lambda: [16, 16, 16, 16])
-    bottleneck_ratios: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])  # inner width / width
+    depths: list[int] = ranged(None, ge=1, factory=lambda: [1, 2, 7, 12])
+    widths: list[int] = ranged(None, ge=1, factory=lambda: [32, 64, 160, 400])
+    group_widths: list[int] = ranged(None, ge=1, factory=lambda: [16, 16, 16, 16])
+    bottleneck_ratios: list[float] = ranged(None, gt=0, factory=lambda: [1.0, 1.0, 1.0, 1.0])  # inner / width
     se_ratio: float = 0.0
 
 
@@ -57,9 +68,9 @@ class EfficientNetParams:
     resolution gamma^phi times 224."""
 
     phi: float = 0.0
-    alpha: float = 1.2
-    beta: float = 1.1
-    gamma: float = 1.15
+    alpha: float = ranged(1.2, gt=0)
+    beta: float = ranged(1.1, gt=0)
+    gamma: float = ranged(1.15, gt=0)
 
 
 @dataclass
@@ -67,7 +78,7 @@ class BackboneConfig:
     name: str = "resnet18"
     pretrained: str | None = None
     out_levels: list[str] = field(default_factory=lambda: ["c2", "c3", "c4", "c5"])
-    frozen_stages: int = 0
+    frozen_stages: int = ranged(0, ge=0)
     norm: str = choice("bn", "bn", "frozen_bn", "sync_bn")
     regnet: RegNetParams = field(default_factory=RegNetParams)
     anynet: AnyNetParams = field(default_factory=AnyNetParams)
@@ -78,7 +89,7 @@ class BackboneConfig:
 @dataclass
 class NeckConfig:
     name: str = "fpn"  # a name in detkit.necks.NECKS, or none
-    out_channels: int = 256
+    out_channels: int = ranged(256, ge=1)
     levels: list[str] = field(default_factory=lambda: ["p3", "p4", "p5", "p6", "p7"])
     extra_from: str = choice("fpn", "fpn", "backbone")
     extra_op: str = choice("conv", "conv", "maxpool")
@@ -92,7 +103,7 @@ class HeadConfig:
 
 @dataclass
 class ModelConfig:
-    num_classes: int = 1
+    num_classes: int = ranged(1, ge=1)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     neck: NeckConfig = field(default_factory=NeckConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -126,18 +137,18 @@ class DataConfig:
     train: DatasetConfig = field(default_factory=DatasetConfig)
     val: DatasetConfig = field(default_factory=DatasetConfig)
     test: DatasetConfig = field(default_factory=DatasetConfig)
-    image_size: int = 512
-    batch_size: int = 4
-    num_workers: int = 2
+    image_size: int = ranged(512, ge=1)
+    batch_size: int = ranged(4, ge=1)
+    num_workers: int = ranged(2, ge=0)
     transforms: TransformsConfig = field(default_factory=TransformsConfig)
     resize: str = choice("letterbox", "letterbox", "stretch")  # eval: keep aspect (longest side) or stretch
-    min_visibility: float = 0.3  # train: boxes keeping less of their area after a crop are dropped
+    min_visibility: float = ranged(0.3, ge=0, le=1)  # train: boxes keeping less of their area after a crop are dropped
     aspect_ratio_grouping: bool = False
-    size_divisor: int = 32  # batches are padded to a multiple of this
+    size_divisor: int = ranged(32, ge=1)  # batches are padded to a multiple of this
     with_masks: bool | None = None  # decode instance masks (default: when the head's traits ask for them)
     generate: str | None = choice(None, None, "shapes")  # make the dataset at ../.. of train.annotations if absent
     # an image whose header claims more pixels is skipped (counted, named) before it is decoded; null: Pillow's limit
-    max_image_pixels: int | None = None
+    max_image_pixels: int | None = ranged(None, ge=1)
 
 
 @dataclass
@@ -146,29 +157,29 @@ class EMAConfig:
     checkpoints and the final model."""
 
     enabled: bool = False
-    decay: float = 0.999
-    start_step: int = 0  # updates begin at this optimizer step
+    decay: float = ranged(0.999, gt=0, lt=1)
+    start_step: int = ranged(0, ge=0)  # updates begin at this optimizer step
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 12
-    lr: float = 0.01
+    epochs: int = ranged(12, ge=1)
+    lr: float = ranged(0.01, gt=0)
     optimizer: str = choice("sgd", "sgd", "adamw")
-    momentum: float = 0.9  # sgd momentum; adamw beta1
-    weight_decay: float = 1e-4
-    norm_weight_decay: float = 0.0  # weight decay of normalisation weights and of all biases
-    warmup_iters: int = 100  # linear warmup from warmup_factor * lr, in optimizer steps
-    warmup_factor: float = 0.001
+    momentum: float = ranged(0.9, ge=0, lt=1)  # sgd momentum; adamw beta1
+    weight_decay: float = ranged(1e-4, ge=0)
+    norm_weight_decay: float = ranged(0.0, ge=0)  # weight decay of normalisation weights and of all biases
+    warmup_iters: int = ranged(100, ge=0)  # linear warmup from warmup_factor * lr, in optimizer steps
+    warmup_factor: float = ranged(0.001, gt=0, le=1)
     scheduler: str = choice("cosine", "cosine", "multistep", "constant")
-    milestones: list[int] = field(default_factory=list)  # multistep: epochs at which lr is multiplied by gamma
-    gamma: float = 0.1
-    grad_clip: float | None = None  # max gradient norm
+    milestones: list[int] = ranged(None, ge=0, factory=list)  # multistep: epochs at which lr is multiplied by gamma
+    gamma: float = ranged(0.1, gt=0)
+    grad_clip: float | None = ranged(None, gt=0)  # max gradient norm
     ema: EMAConfig = field(default_factory=EMAConfig)
-    early_stopping_patience: int | None = None  # validations without improvement of the main metric
+    early_stopping_patience: int | None = ranged(None, ge=0)  # validations without improvement of the main metric
     # last.ckpt is written at every epoch end, when training stops early, and (a kill costs at most this much)
-    checkpoint_every_n_steps: int | None = None  # every n optimizer steps
-    checkpoint_every_minutes: float | None = 10.0  # every so many minutes of training
+    checkpoint_every_n_steps: int | None = ranged(None, ge=1)  # every n optimizer steps
+    checkpoint_every_minutes: float | None = ranged(10.0, gt=0)  # every so many minutes of training
 
 
 @dataclass
@@ -192,19 +203,19 @@ class TrainerConfig:
 
     accelerator: str = "auto"
     devices: Any = 1
-    num_nodes: int = 1
+    num_nodes: int = ranged(1, ge=1)
     strategy: str = "auto"
     precision: str = "32"  # 32 | bf16-mixed (CPU or GPU) | 16-mixed (GPU)
-    max_steps: int = -1
+    max_steps: int = ranged(-1, ge=-1)
     max_time: str | None = None  # "DD:HH:MM:SS"
     limit_train_batches: Any = None  # int (batches) or float (fraction)
     limit_val_batches: Any = None
     limit_test_batches: Any = None
     val_check_interval: Any = None
-    check_val_every_n_epoch: int | None = 1
-    num_sanity_val_steps: int = 0
-    log_every_n_steps: int = 10
-    accumulate_grad_batches: int = 1
+    check_val_every_n_epoch: int | None = ranged(1, ge=1)
+    num_sanity_val_steps: int = ranged(0, ge=-1)
+    log_every_n_steps: int = ranged(10, ge=1)
+    accumulate_grad_batches: int = ranged(1, ge=1)
     deterministic: Any = None  # true | false | "warn"
     benchmark: bool | None = None
     enable_progress_bar: bool = True
@@ -214,13 +225,13 @@ class TrainerConfig:
     overfit_batches: Any = 0.0
     fast_dev_run: Any = False
     profiler: str | None = None
-    reload_dataloaders_every_n_epochs: int = 0
+    reload_dataloaders_every_n_epochs: int = ranged(0, ge=0)
 
 
 @dataclass
 class Config:
     name: str = "detkit"
-    seed: int = 42
+    seed: int = ranged(42, ge=0, le=2**32 - 1)
     output_dir: str = "runs/${name}/${now:%Y%m%d-%H%M%S}"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -7,6 +7,7 @@ and, after ``detkit eval``, ``pr_curves/`` (detectors) or ``confusion_matrix.png
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import os
@@ -24,7 +25,7 @@ from detkit.engine.callbacks import ConfigWriter, Interrupted, LastCheckpoint
 from detkit.errors import ConfigError, TrainingError
 from detkit.evaluation.metrics import check_eval_config
 from detkit.heads.registry import head_traits
-from detkit.models.build import check_model_config
+from detkit.models.build import build_model, check_model_config
 from detkit.models.load import load_weights, read_checkpoint, resolve_checkpoint, run_dir_of
 from detkit.utils.io import write_json
 
@@ -112,10 +113,15 @@ def build_trainer(cfg: DictConfig, out: Path, *, fit: bool = True, callbacks: li
 
 
 def check_config(cfg: DictConfig):
-    """Everything about ``cfg`` that can be checked before data is read or a model built: part names against their
-    registries, ``num_classes`` and ``eval.*`` against the head's traits. Returns the head's traits."""
+    """Everything about ``cfg`` that can be checked before data is read: part names against their registries,
+    ``num_classes`` and ``eval.*`` against the head's traits, and every part's settings (the model is built once on
+    the meta device). Returns the head's traits."""
     traits = check_model_config(cfg)
     check_eval_config(cfg.eval, traits, cfg.model.head.name)
+    dry = copy.deepcopy(cfg)
+    dry.model.backbone.pretrained = None
+    with torch.device("meta"):  # every part's settings checked by building it, at no cost (no memory, no weights)
+        build_model(dry)
     return traits
 
 

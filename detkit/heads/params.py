@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -51,6 +52,13 @@ def _check_type(value: Any, tp: Any) -> bool:
     return True
 
 
+def _numbers(value: Any) -> list[Any]:
+    """Every number inside ``value`` (nested lists included)."""
+    if isinstance(value, list | tuple):
+        return [n for v in value for n in _numbers(v)]
+    return [value]
+
+
 def _optional(tp: Any) -> bool:
     return type(None) in typing.get_args(tp)
 
@@ -65,6 +73,8 @@ def parse_params(cls: type[P], params: Mapping[str, Any] | None, where: str = WH
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
             hint = f" (did you mean '{where}.{close[0]}'?)" if close else f" (known: {', '.join(names)})"
             raise ConfigError(f"unknown config key '{where}.{key}'{hint}")
+        if any(isinstance(v, float) and not math.isfinite(v) for v in _numbers(value)):
+            raise ConfigError(f"config key '{where}.{key}' = {value!r}: expected finite numbers")
         if not _check_type(value, hints[key]):
             expected = str(hints[key]).replace("typing.", "").replace("<class '", "").replace("'>", "")
             raise ConfigError(f"config key '{where}.{key}' = {value!r}: expected {expected}")
