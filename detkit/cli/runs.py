@@ -87,13 +87,14 @@ def _predict(args: argparse.Namespace) -> int:
     from detkit.inference import Predictor, expand_inputs
     from detkit.inference.run import format_summary, predict_files
 
-    files = expand_inputs(args.inputs, exclude=args.out)  # not the outputs of an earlier run into an input folder
+    found: list[Path] = []  # every image under the inputs: none of them is ever overwritten
+    files = expand_inputs(args.inputs, exclude=args.out, found_all=found)  # not what an earlier run wrote into out
     if not files:
         raise DetkitError(f"no images found in {' '.join(args.inputs)}")
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
                                           score_threshold=args.score_threshold, classes=args.classes,
                                           fast=not args.no_fast, compile=args.compile)
-    print(format_summary(predict_files(predictor, files, args.out)))
+    print(format_summary(predict_files(predictor, files, args.out, protect=found)))
     return 0
 
 

@@ -25,15 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from detkit.data.fields import ImageTooLarge, header_size, open_image, pixel_limit
 from detkit.data.samplers import sample_seed
-from detkit.errors import DataError
+from detkit.errors import ConfigError, DataError
 
 log = logging.getLogger("detkit.data")
 
 SEMANTIC_IGNORE = 255  # the value of unlabeled pixels in every semantic sample (class indices are 0..K-1)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 CLIP_TOLERANCE = 1.0  # pixels a box may overshoot the image before its clipping is counted as a repair
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -134,28 +136,30 @@ def to_uint8_rgb(arr: np.ndarray, what: str = "image") -> np.ndarray:
     raise DataError(f"{what}: unsupported pixel type {arr.dtype}")
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Read an image as H x W x 3 uint8 RGB; a missing, corrupt or truncated file raises :class:`DataError`."""
+def read_image(path: Path, max_pixels: int | None = None) -> np.ndarray:
+    """Read an image as H x W x 3 uint8 RGB; a missing, corrupt or truncated file raises :class:`DataError`, and so
+    does one whose header claims more than ``max_pixels`` pixels (default: Pillow's limit), before decoding."""
     try:
-        with Image.open(path) as im:
+        with open_image(path, max_pixels) as im:
             im.load()
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / 32-bit grey: PIL's RGB would clip to 255
                 return to_uint8_rgb(np.asarray(im), str(path))
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
             from None
 
 
-def read_label_png(path: Path) -> np.ndarray:
-    """Read an index/instance-id PNG as H x W integers (palette indices, not colours)."""
+def read_label_png(path: Path, max_pixels: int | None = None) -> np.ndarray:
+    """Read an index/instance-id PNG as H x W integers (palette indices, not colours); over ``max_pixels`` pixels
+    (default: Pillow's limit) it is refused before decoding."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in ("L", "P", "I", "I;16"):
+        with open_image(path, max_pixels) as im:
+            if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
                 raise DataError(f"{path}: expected a single-channel index PNG, got mode {im.mode}")
+            im.load()
             return np.asarray(im).astype(np.int64)
     except FileNotFoundError:
         raise DataError(f"{path}: mask file not found") from None
@@ -237,9 +241,14 @@ class DetectionDataset(Dataset):
     task = "detection"
     ignore_index: int = 255
 
-    def __init__(self, name: str, transform=None) -> None:
+    def __init__(self, name: str, transform=None, max_pixels: int | None = None) -> None:
         self.name = name
         self.transform = transform
+        if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int)
+                                       or max_pixels <= 0):
+            raise ConfigError(f"data.max_image_pixels = {max_pixels!r}: expected a positive integer (or null: "
+                              "Pillow's limit)")
+        self.max_pixels = max_pixels  # images (and masks) whose header claims more are skipped, before decoding
         self.records: list[Record] = []
         self.classes: list[str] = []
         self.cat_ids: list[Any] = []
@@ -260,9 +269,20 @@ class DetectionDataset(Dataset):
     def cat_to_label(self) -> dict[Any, int]:
         return {c: i + 1 for i, c in enumerate(self.cat_ids)}
 
-    # ---- boxes
+    # ---- images and boxes
+    def image_header(self, file: Path) -> tuple[int, int] | None | bool:
+        """``(width, height)`` from ``file``'s header (never decoded); ``None`` when the header cannot be read (the
+        image then fails, counted, when it is loaded); ``False`` when it claims more pixels than the limit: the
+        caller skips the image, counted here."""
+        try:
+            return header_size(file, self.max_pixels)
+        except ImageTooLarge:
+            self.problems.add(f"images skipped (over {pixel_limit(self.max_pixels)} pixels)", file)
+            return False
+
     def clean_boxes(self, boxes: np.ndarray, width: int | None, height: int | None, file: Path) -> np.ndarray:
-        """Keep-mask of valid boxes; clips boxes to the image in place. Every repair is counted."""
+        """Keep-mask of valid boxes; clips boxes to the image in place. Every repair is counted. Work in float64
+        (a finite 1e300 would overflow float32) and cast once the boxes are clipped."""
         keep = np.ones(len(boxes), bool)
         for i, (x1, y1, x2, y2) in enumerate(boxes):
             if not np.all(np.isfinite(boxes[i])):
@@ -282,7 +302,11 @@ class DetectionDataset(Dataset):
                 if np.abs(clipped - boxes[i]).max() > CLIP_TOLERANCE:  # sub-pixel overshoot is rounding, not a problem
                     self.problems.add("boxes clipped", file)
                 boxes[i] = clipped
-                x1, y1, x2, y2 = boxes[i]
+            elif np.abs(boxes[i]).max() > FLOAT32_MAX:  # unclipped (no image size): would be inf as float32
+                self.problems.add("boxes dropped (coordinates beyond float32)", file)
+                keep[i] = False
+                continue
+            x1, y1, x2, y2 = boxes[i].astype(np.float32)  # positive area as the samples will hold it
             if x2 - x1 <= 0 or y2 - y1 <= 0:
                 self.problems.add("boxes dropped (zero area)", file)
                 keep[i] = False
@@ -295,7 +319,7 @@ class DetectionDataset(Dataset):
     def load(self, index: int) -> dict[str, Any]:
         """The raw sample of record ``index`` (no transform). Raises :class:`DataError` for a bad image."""
         r = self.records[index]
-        image = read_image(r.file)
+        image = read_image(r.file, self.max_pixels)
         h, w = image.shape[:2]
         sample: dict[str, Any] = {
             "image": image,

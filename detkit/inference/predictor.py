@@ -160,9 +160,11 @@ def select_classes(wanted: str | Sequence[str] | None, classes: Sequence[str]) -
     return names
 
 
-def expand_inputs(inputs: Iterable[str], exclude: str | Path | None = None) -> list[Path]:
+def expand_inputs(inputs: Iterable[str], exclude: str | Path | None = None, found_all: list[Path] | None = None
+                  ) -> list[Path]:
     """Files, folders (recursive) and globs -> image paths (sorted per input, no duplicates). Images inside
-    ``exclude`` (the output folder of an earlier prediction into an input folder) are left out."""
+    ``exclude`` (the output folder, inside an input folder) are left out; ``found_all`` receives every image found,
+    those included (they must not be overwritten either)."""
     import glob
 
     found: list[Path] = []
@@ -181,6 +183,8 @@ def expand_inputs(inputs: Iterable[str], exclude: str | Path | None = None) -> l
     skip = Path(exclude).resolve() if exclude is not None else None
     if skip is not None and skip in {Path(i).resolve() for i in inputs}:
         skip = None  # predicting into the input folder itself: its images are the inputs
+    if found_all is not None:
+        found_all.extend(found)
     for f in found:
         if skip is not None and f.resolve().is_relative_to(skip):
             continue

@@ -42,15 +42,18 @@ from detkit.utils.io import write_json
 log = logging.getLogger(__name__)
 
 
-def predict_files(predictor: Predictor, files: list[Path], out: str | Path, draw: bool = True) -> dict[str, Any]:
-    """Predict every file; unreadable images are reported and skipped (counted). Returns the summary."""
+def predict_files(predictor: Predictor, files: list[Path], out: str | Path, draw: bool = True,
+                  protect: list[Path] | None = None) -> dict[str, Any]:
+    """Predict every file; unreadable images are reported and skipped (counted). No output replaces one of
+    ``files`` or ``protect`` (other user files, e.g. images in ``out`` that were not predicted). Returns the
+    summary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     per_class: Counter[str] = Counter()
     skipped: list[str] = []
     written: set[str] = set()
-    inputs = {p.resolve() for p in files}
+    inputs = {p.resolve() for p in [*files, *(protect or [])]}
     start, done, detections = time.perf_counter(), 0, 0
     bs = predictor.batch_size
     for i in range(0, len(files), bs):
