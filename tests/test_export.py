@@ -19,10 +19,11 @@ needs_onnxruntime = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") i
                                        reason="onnxruntime not installed (pip install 'detkit[onnx]')")
 
 SIZE = 96
-CONFIGS = {"yolo": "configs/yolo/shapes.yaml", "ssd": "configs/ssd/shapes.yaml",
-           "faster_rcnn": "configs/faster_rcnn/shapes.yaml", "mask_rcnn": "configs/mask_rcnn/shapes.yaml",
-           "unet": "configs/unet/shapes.yaml"}
-EXTRA = {"yolo": ["model.head.params.score_thresh=0.0001"], "ssd": ["model.head.params.score_thresh=0.001"],
+CONFIGS = {"yolo": "configs/yolo/shapes.yaml", "yolo_af": "configs/yolo_af/shapes.yaml",
+           "ssd": "configs/ssd/shapes.yaml", "faster_rcnn": "configs/faster_rcnn/shapes.yaml",
+           "mask_rcnn": "configs/mask_rcnn/shapes.yaml", "unet": "configs/unet/shapes.yaml"}
+EXTRA = {"yolo": ["model.head.params.score_thresh=0.0001"], "yolo_af": ["model.head.params.score_thresh=0.01"],
+         "ssd": ["model.head.params.score_thresh=0.001"],
          "faster_rcnn": ["model.head.params.box_score_thresh=0.001"],
          "mask_rcnn": ["model.head.params.box_score_thresh=0.001"]}
 CLASSES = ["circle", "square", "triangle"]
@@ -82,7 +83,7 @@ def assert_same_detections(ref: list[dict], out: dict, atol: float = 1e-3) -> No
 
 
 @needs_onnxruntime
-@pytest.mark.parametrize("head,dynamic", [("yolo", True), ("ssd", True), ("faster_rcnn", False),
+@pytest.mark.parametrize("head,dynamic", [("yolo", True), ("yolo_af", True), ("ssd", True), ("faster_rcnn", False),
                                           ("mask_rcnn", False), ("unet", True)])
 def test_onnx_runtime_matches_pytorch_on_real_images(head, dynamic, images, tmp_path):
     from detkit.inference.export import export_model, run_onnx

@@ -93,7 +93,7 @@ def test_every_norm_of_the_backbone_families_folds_and_outputs_stay(build):
         torch.testing.assert_close(g, e, atol=1e-4 * float(e.abs().max()), rtol=1e-4)
 
 
-@pytest.mark.parametrize("head", ["yolo", "ssd", "faster_rcnn", "mask_rcnn", "unet"])
+@pytest.mark.parametrize("head", ["yolo", "yolo_af", "ssd", "faster_rcnn", "mask_rcnn", "unet"])
 def test_fast_predictor_gives_the_same_detections(head):
     """The default Predictor (BatchNorm folded, channels_last, inference_mode) against the plain model."""
     from detkit.inference import Predictor

@@ -234,7 +234,7 @@ def reference_image(cfg: Any):
     from detkit.data.build import build_dataset
 
     if cfg.data.val.format is not None:
-        dataset = build_dataset(cfg.data.val, with_masks=False, key="data.val")
+        dataset = build_dataset(cfg.data.val, with_masks=False, key="data.val", max_pixels=cfg.data.max_image_pixels)
         for i in range(min(len(dataset), 8)):
             try:
                 return dataset.load(i)["image"]

@@ -59,9 +59,10 @@ def _data_stats(args: argparse.Namespace) -> int:
     from detkit.data.build import build_dataset
     from detkit.data.stats import dataset_stats, format_stats
 
-    ds_cfg, _, key = dataset_from_args(args)
+    ds_cfg, cfg, key = dataset_from_args(args)
     logging.getLogger("detkit.data").setLevel(logging.ERROR)  # problems are part of the report
-    stats = dataset_stats(build_dataset(ds_cfg, with_masks=False, key=key), check_images=not args.no_check_images)
+    stats = dataset_stats(build_dataset(ds_cfg, with_masks=False, key=key, max_pixels=cfg.data.max_image_pixels),
+                          check_images=not args.no_check_images)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
 
@@ -73,7 +74,7 @@ def _data_show(args: argparse.Namespace) -> int:
 
     ds_cfg, cfg, key = dataset_from_args(args)
     pipeline = pipeline_from_config(cfg.data, train=True, image_size=args.image_size)
-    dataset = build_dataset(ds_cfg, with_masks=True, key=key)
+    dataset = build_dataset(ds_cfg, with_masks=True, key=key, max_pixels=cfg.data.max_image_pixels)
     written = show_samples(dataset, pipeline, args.out, args.n, args.seed)
     print(f"wrote {len(written)} images to {args.out}")
     return 0
@@ -87,8 +88,9 @@ def _data_convert(args: argparse.Namespace) -> int:
         raise DetkitError(f"--to {args.to!r}: only coco is supported")
     if args.format not in ("voc", "yolo", "instance_masks", "coco"):
         raise DetkitError(f"--format {args.format!r}: convert takes voc, yolo or instance_masks")
-    ds_cfg, _, key = dataset_from_args(args)
-    counts = to_coco(build_dataset(ds_cfg, with_masks=False, key=key), args.out, args.images)
+    ds_cfg, cfg, key = dataset_from_args(args)
+    counts = to_coco(build_dataset(ds_cfg, with_masks=False, key=key, max_pixels=cfg.data.max_image_pixels), args.out,
+                     args.images)
     print(f"wrote {args.out}: {counts['images']} images, {counts['annotations']} annotations, "
           f"{counts['categories']} categories")
     return 0
@@ -125,7 +127,7 @@ def _data_anchors(args: argparse.Namespace) -> int:
 
         ensure_shapes(cfg.data)
     size = args.image_size or cfg.data.image_size
-    dataset = build_dataset(ds_cfg, with_masks=False, key=key)
+    dataset = build_dataset(ds_cfg, with_masks=False, key=key, max_pixels=cfg.data.max_image_pixels)
     counts: Counter = Counter()
     wh = A.dataset_box_sizes(dataset, size, counts)
     if len(wh) == 0:

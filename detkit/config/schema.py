@@ -164,6 +164,10 @@ class EMAConfig:
 @dataclass
 class TrainConfig:
     epochs: int = ranged(12, ge=1)
+    # a time budget ("10min", "2h", "1h30min"): the schedule is laid over the steps that fit (engine/budget.py)
+    budget: str | None = None
+    total_steps: int | None = ranged(None, ge=1)  # the run's length in optimizer steps (set by a budget's plan)
+    close_mosaic: float = ranged(0.0, ge=0, lt=1)  # the last fraction of the epochs trained without Mosaic
     lr: float = ranged(0.01, gt=0)
     optimizer: str = choice("sgd", "sgd", "adamw")
     momentum: float = ranged(0.9, ge=0, lt=1)  # sgd momentum; adamw beta1

@@ -20,8 +20,11 @@ FORMATS = {
 }
 
 
-def build_dataset(cfg: Any, transform=None, with_masks: bool = True, key: str = "data") -> DetectionDataset:
-    """``cfg`` is a ``data.<split>`` node (or a dict with the same keys)."""
+def build_dataset(cfg: Any, transform=None, with_masks: bool = True, key: str = "data",
+                  max_pixels: int | None = None) -> DetectionDataset:
+    """``cfg`` is a ``data.<split>`` node (or a dict with the same keys). ``max_pixels`` (``data.max_image_pixels``):
+    images and masks whose header claims more pixels are skipped (counted) before they are decoded; ``None``:
+    Pillow's limit (``PIL.Image.MAX_IMAGE_PIXELS``)."""
     get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
     fmt = get("format")
     if fmt is None:
@@ -34,7 +37,7 @@ def build_dataset(cfg: Any, transform=None, with_masks: bool = True, key: str = 
         raise ConfigError(f"{key}.annotations is not set ({fmt}: "
                           f"{'the JSON file' if fmt == 'coco' else 'the annotation folder'})")
     common = {"images": get("images"), "annotations": get("annotations"), "split": get("split"),
-              "classes": get("classes"), "name": get("name"), "transform": transform}
+              "classes": get("classes"), "name": get("name"), "transform": transform, "max_pixels": max_pixels}
     if fmt in ("coco", "yolo"):
         return FORMATS[fmt](**common, with_masks=with_masks)
     if fmt == "masks":

@@ -38,12 +38,14 @@ class DetDataModule(L.LightningDataModule):
         self.datasets: dict[str, DetectionDataset] = {}
         self.collate = Collate(cfg.data.size_divisor)
         self.samplers: dict[str, Sampler | None] = {}
+        self.no_mosaic_from: int | None = None  # the first epoch trained without Mosaic (train.close_mosaic)
+        self._pipelines: dict[bool, Any] = {}
 
     def dataset(self, split: str) -> DetectionDataset | None:
         if split not in self.datasets and self.cfg.data[split].format is not None:
             pipeline = pipeline_from_config(self.cfg.data, train=split == "train")
             self.datasets[split] = build_dataset(self.cfg.data[split], transform=pipeline, with_masks=self.with_masks,
-                                                 key=f"data.{split}")
+                                                 key=f"data.{split}", max_pixels=self.cfg.data.max_image_pixels)
         return self.datasets.get(split)
 
     def setup(self, stage: str | None = None) -> None:
@@ -100,6 +102,10 @@ class DetDataModule(L.LightningDataModule):
         if train is not None:
             rank, _ = self.rank_and_world
             train.augment_seed = epoch_seed(int(self.cfg.seed), epoch, rank)
+            mosaic = self.no_mosaic_from is None or epoch < self.no_mosaic_from
+            if mosaic not in self._pipelines:
+                self._pipelines[mosaic] = pipeline_from_config(self.cfg.data, train=True, mosaic=mosaic)
+            train.transform = self._pipelines[mosaic]
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

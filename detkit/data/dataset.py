@@ -28,7 +28,7 @@ import numpy as np
 from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from detkit.data.fields import ImageTooLarge, header_size, open_image, pixel_limit
+from detkit.data.fields import ImageTooLarge, exists, header_size, int_key, open_image, pixel_limit, show
 from detkit.data.samplers import sample_seed
 from detkit.errors import ConfigError, DataError
 
@@ -203,19 +203,28 @@ def resolve_classes(value: Any) -> tuple[list[str], list[Any]] | None:
         return None
     if isinstance(value, str | os.PathLike):
         path = Path(value)
-        if not path.is_file():
-            raise DataError(f"classes file not found: {path}")
+        if not exists(path):
+            raise DataError(f"classes file not found: {show(str(path))}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(path.read_text())
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise DataError(f"{path}: malformed YAML ({' '.join(str(e).split())[:120]})") from None
             data = data.get("names", data.get("classes")) if isinstance(data, dict) else data
             if data is None:
                 raise DataError(f"{path}: no 'names' or 'classes' key")
+            if not isinstance(data, Mapping | list):  # a string would be read as another file
+                raise DataError(f"{path}: names = {show(data)}: expected a list or a mapping")
             return resolve_classes(data)
-        return resolve_classes([line.strip() for line in path.read_text().splitlines() if line.strip()])
+        return resolve_classes([line.strip() for line in text.splitlines() if line.strip()])
     if isinstance(value, Mapping):
-        items = [((int(k) if str(k).lstrip("-").isdigit() else k), str(v)) for k, v in value.items()]
+        items = [(int_key(k), str(v)) for k, v in value.items()]
         if len({type(k) for k, _ in items}) > 1:
             raise DataError(f"classes mapping mixes number and name keys: {list(value)[:6]}")
         items.sort()
@@ -277,8 +286,12 @@ class DetectionDataset(Dataset):
         try:
             return header_size(file, self.max_pixels)
         except ImageTooLarge:
-            self.problems.add(f"images skipped (over {pixel_limit(self.max_pixels)} pixels)", file)
+            self.count_too_large(file)
             return False
+
+    def count_too_large(self, file: Path) -> None:
+        """Count an image (or mask) skipped because its header claims more pixels than the limit."""
+        self.problems.add(f"images skipped (over {pixel_limit(self.max_pixels)} pixels)", file)
 
     def clean_boxes(self, boxes: np.ndarray, width: int | None, height: int | None, file: Path) -> np.ndarray:
         """Keep-mask of valid boxes; clips boxes to the image in place. Every repair is counted. Work in float64

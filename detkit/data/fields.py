@@ -10,6 +10,7 @@ are not finite numbers.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,10 +76,22 @@ def text_number(text: str | None) -> float | None:
 def text_int(text: str) -> int | None:
     """An integer from text: ``"3"``, ``"3.0"``; ``None`` for ``"0.7"``, ``"abc"``, ``"nan"``."""
     stripped = text.strip()
-    if stripped.lstrip("+-").isdigit():
+    try:
         return int(stripped)
+    except ValueError:  # "3.0", "0.7", "abc", or over Python's 4300 digits
+        pass
     x = text_number(stripped)
     return int(x) if x is not None and x.is_integer() else None
+
+
+def int_key(key: Any) -> Any:
+    """A mapping key (of ``classes``) as an int when it is one (``3``, ``"3"``, ``"-1"``), else as it is (a name)."""
+    if isinstance(key, bool) or not isinstance(key, int | str):
+        return key
+    try:
+        return int(key)
+    except ValueError:
+        return key
 
 
 def exists(path: Path) -> bool:
@@ -110,6 +123,7 @@ def open_image(path: Path, max_pixels: int | None = None) -> Iterator[Image.Imag
     otherwise refuse, at twice its own limit, images that ``data.max_image_pixels`` allows).
     """
     limit = pixel_limit(max_pixels)
+    source = "Pillow's MAX_IMAGE_PIXELS" if max_pixels is None else "data.max_image_pixels"
     if limit is not None and Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = limit
     with warnings.catch_warnings():
@@ -117,12 +131,15 @@ def open_image(path: Path, max_pixels: int | None = None) -> Iterator[Image.Imag
         try:
             im = Image.open(path)
         except Image.DecompressionBombError as e:  # over twice Pillow's limit, so over ours too
-            raise ImageTooLarge(f"{path}: image refused before decoding: {e}") from None
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            claims = f"{found.group(1)} pixels" if found else "more pixels"
+            raise ImageTooLarge(f"{path}: image header claims {claims}, over the limit of {limit} "
+                                f"({source}): not decoded") from None
     with im:
         w, h = im.size
         if limit is not None and w * h > limit:
             raise ImageTooLarge(f"{path}: image header claims {w}x{h} = {w * h} pixels, over the limit of {limit} "
-                                "(data.max_image_pixels): not decoded")
+                                f"({source}): not decoded")
         yield im
 
 

@@ -355,10 +355,28 @@ def build_pipeline(spec: Any, *, image_size: int, train: bool, resize: str = "le
     return Pipeline(transforms, min_visibility if train else 0.0, keep_original=not train)
 
 
-def pipeline_from_config(data: Any, train: bool, image_size: int | None = None) -> Pipeline:
+def without_mosaic(spec: Any) -> Any:
+    """A transform list with its Mosaic steps left out (also inside ``OneOf`` and the other containers); a
+    preset name as it is."""
+    spec = _plain(spec)
+    if not isinstance(spec, list):
+        return spec
+    out = []
+    for t in spec:
+        if isinstance(t, Mapping) and t.get("name") == "Mosaic":
+            continue
+        if isinstance(t, Mapping) and isinstance(t.get("transforms"), list):
+            t = {**t, "transforms": without_mosaic(t["transforms"])}
+        out.append(t)
+    return out
+
+
+def pipeline_from_config(data: Any, train: bool, image_size: int | None = None, mosaic: bool = True) -> Pipeline:
     """The pipeline of ``data.transforms.train`` (``train``) or ``data.transforms.val`` with the config's
     ``data.image_size`` (or ``image_size``), ``resize`` and ``min_visibility``: the one builder the data module,
-    ``data show`` and the Predictor share, so prediction resizes exactly as validation does."""
+    ``data show`` and the Predictor share, so prediction resizes exactly as validation does. ``mosaic=False``: the
+    same without its Mosaic steps (the last epochs of ``train.close_mosaic``)."""
     split = "train" if train else "val"
-    return build_pipeline(data.transforms[split], image_size=image_size or data.image_size, train=train,
+    spec = data.transforms[split] if mosaic else without_mosaic(data.transforms[split])
+    return build_pipeline(spec, image_size=image_size or data.image_size, train=train,
                           resize=data.resize, min_visibility=data.min_visibility, where=f"data.transforms.{split}")

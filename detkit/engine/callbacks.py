@@ -134,7 +134,7 @@ class LastCheckpoint(Checkpoint):
         return due or stop, stop
 
     def save(self, trainer: L.Trainer) -> None:
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
         self.saved_step, self._last_save = trainer.global_step, time.monotonic()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

@@ -188,7 +188,8 @@ class DetectionModule(L.LightningModule):
         t = self.cfg.train
         optimizer = build_optimizer(self.model, t)
         steps_per_epoch = self.steps_per_epoch()
-        total = steps_per_epoch * int(t.epochs)  # the schedule does not depend on trainer.max_steps
+        # the schedule's length: train.total_steps (a budget's plan), else the epochs; never trainer.max_steps
+        total = int(t.total_steps) if t.total_steps else steps_per_epoch * int(t.epochs)
         scheduler = build_scheduler(optimizer, t, total, steps_per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -196,15 +197,11 @@ class DetectionModule(L.LightningModule):
         """Optimizer steps per epoch: the training loader's batches (``trainer.limit_train_batches`` applied) over
         the gradient accumulation. Counted without starting the loader: a resumed run must restore its position
         before its first iterator is made."""
-        trainer = self.trainer
-        dm = trainer.datamodule
-        batches = len(dm.train_dataloader()) if dm is not None else int(trainer.estimated_stepping_batches)
-        limit = trainer.limit_train_batches
-        if isinstance(limit, int):
-            batches = min(batches, limit)
-        elif isinstance(limit, float):
-            batches = max(1, int(batches * limit))
-        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+        from detkit.engine.budget import steps_per_epoch
+
+        dm = self.trainer.datamodule
+        return steps_per_epoch(self.cfg, len(dm.train_dataloader()) if dm is not None else
+                               int(self.trainer.estimated_stepping_batches))
 
     # -------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -8,10 +8,13 @@ and, after ``detkit eval``, ``pr_curves/`` (detectors) or ``confusion_matrix.png
 from __future__ import annotations
 
 import copy
+import datetime
 import inspect
 import logging
+import math
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from detkit.config import load_config
 from detkit.data.shapes import ensure_shapes
+from detkit.engine.budget import BudgetProgress, apply_budget, steps_per_epoch, time_left
 from detkit.engine.callbacks import ConfigWriter, Interrupted, LastCheckpoint
 from detkit.errors import ConfigError, TrainingError
 from detkit.evaluation.metrics import check_eval_config
@@ -71,7 +75,8 @@ def _csv_version(out: Path) -> str:
     return f"restart-{n}"
 
 
-def build_trainer(cfg: DictConfig, out: Path, *, fit: bool = True, callbacks: list | None = None) -> L.Trainer:
+def build_trainer(cfg: DictConfig, out: Path, *, fit: bool = True, callbacks: list | None = None,
+                  max_time: float | None = None) -> L.Trainer:
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -107,7 +112,14 @@ def build_trainer(cfg: DictConfig, out: Path, *, fit: bool = True, callbacks: li
     cbs += list(callbacks or [])
     loggers = [TensorBoardLogger(str(out), name="tensorboard", version=""),
                CSVLogger(str(out), name="csv", version=_csv_version(out))]
-    return L.Trainer(max_epochs=int(cfg.train.epochs), gradient_clip_val=cfg.train.grad_clip, callbacks=cbs,
+    max_epochs = int(cfg.train.epochs)
+    if cfg.train.total_steps:  # a run of so many steps (a budget's plan): the epochs follow from them
+        max_epochs = -1
+        if int(kwargs.get("max_steps", -1)) < 0:
+            kwargs["max_steps"] = int(cfg.train.total_steps)
+    if max_time is not None:
+        kwargs["max_time"] = datetime.timedelta(seconds=max_time)
+    return L.Trainer(max_epochs=max_epochs, gradient_clip_val=cfg.train.grad_clip, callbacks=cbs,
                      logger=loggers, plugins=[AtomicCheckpointIO()], default_root_dir=str(out),
                      use_distributed_sampler=False, **kwargs)  # the data module shards and resumes its samplers
 
@@ -138,6 +150,7 @@ def train(cfg: DictConfig | str | Path | None, overrides: list[str] | tuple[str,
     """
     from detkit.engine.module import DetectionModule
 
+    started = time.perf_counter()
     ckpt = resolve_checkpoint(resume, "last") if resume is not None else None
     if cfg is None and ckpt is not None:
         run = run_dir_of(ckpt)
@@ -155,10 +168,19 @@ def train(cfg: DictConfig | str | Path | None, overrides: list[str] | tuple[str,
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         dm = build_datamodule(cfg)
         dm.setup("fit")
+        planned = plan_budget(cfg, dm, started, ckpt)
         train_set = dm.dataset("train")
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # the same initial weights, planned or not
         module = DetectionModule(cfg, classes=dm.classes, cat_ids=list(train_set.cat_ids) if train_set else None)
+        dm.no_mosaic_from = no_mosaic_epoch(cfg, dm)
         writer = ConfigWriter(out, cfg, resumed_from=ckpt)
-        trainer = build_trainer(cfg, out, callbacks=[writer, *(callbacks or [])])
+        extra = [writer, *(callbacks or [])]
+        max_time = None
+        if cfg.train.budget:
+            reserve = planned["final_validation_seconds"] if planned else 0.0
+            max_time = time_left(cfg, started if ckpt is None else time.perf_counter(), reserve)
+            extra.append(BudgetProgress(time.perf_counter() + max_time))
+        trainer = build_trainer(cfg, out, callbacks=extra, max_time=max_time)
         if trainer.is_global_zero and ckpt is None:
             writer.write()
         fit_or_explain(trainer, module, dm, ckpt)
@@ -174,6 +196,29 @@ def train(cfg: DictConfig | str | Path | None, overrides: list[str] | tuple[str,
     if module.skipped:
         log.warning("%d images could not be read and were skipped (see the warnings above)", module.skipped)
     return out
+
+
+def plan_budget(cfg: DictConfig, dm, started: float, ckpt: Path | None) -> dict[str, Any] | None:
+    """``train.budget``: the number of steps that fit, from the run being resumed (its ``config.yaml``) or from
+    timing a few steps (:func:`detkit.engine.budget.apply_budget`)."""
+    if not cfg.train.budget or cfg.train.total_steps is not None:
+        return None
+    run = run_dir_of(ckpt) if ckpt is not None else None
+    if run is not None and (run / "config.yaml").is_file():
+        recorded = load_config(run / "config.yaml").train.total_steps
+        if recorded:
+            cfg.train.total_steps = int(recorded)  # resuming a budgeted run: its plan, not a new one
+            return None
+    return apply_budget(cfg, dm, started)
+
+
+def no_mosaic_epoch(cfg: DictConfig, dm) -> int | None:
+    """The first epoch trained without Mosaic (``train.close_mosaic``: the last fraction of the epochs)."""
+    if not cfg.train.close_mosaic:
+        return None
+    spe = steps_per_epoch(cfg, len(dm.train_dataloader()))
+    epochs = math.ceil(int(cfg.train.total_steps) / spe) if cfg.train.total_steps else int(cfg.train.epochs)
+    return max(1, math.floor(epochs * (1 - float(cfg.train.close_mosaic))))
 
 
 PEER_FAILURE = ("closed by peer", "Connection reset", "Broken pipe", "Timed out", "timed out", "NCCL error",
@@ -200,7 +245,7 @@ def final_validation(trainer: L.Trainer, module, dm, out: Path) -> None:
     best = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
     score = module.metrics.get(module.cfg.eval.main_metric)
     if best is not None and score is not None and (best.best_model_score is None or score > best.best_model_score):
-        trainer.save_checkpoint(out / "checkpoints" / "best.ckpt")
+        trainer.save_checkpoint(out / "checkpoints" / "best.ckpt", weights_only=False)
 
 
 # -------------------------------------------------------------------------------------------- evaluate

@@ -79,6 +79,7 @@ HEADS.register("faster_rcnn", "detkit.heads.two_stage:build_faster_rcnn", HeadTr
 HEADS.register("mask_rcnn", "detkit.heads.two_stage:build_mask_rcnn", HeadTraits("instance", "per_image"))
 HEADS.register("ssd", "detkit.heads.ssd:build_ssd_head", HeadTraits("detection", "flat"))
 HEADS.register("yolo", "detkit.heads.yolo:build_yolo_head", HeadTraits("detection", "flat"))
+HEADS.register("yolo_af", "detkit.heads.anchor_free:build_yolo_af_head", HeadTraits("detection", "flat"))
 HEADS.register("unet", "detkit.heads.unet:build_unet_head", HeadTraits("semantic", "logits"))
 
 

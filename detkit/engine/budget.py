@@ -1,0 +1,169 @@
+"""Training to a time budget (``train.budget: 10min``): the whole schedule laid over the budget, reproducibly.
+
+Before training, a short throw-away run through the same engine (two epochs of a few steps, each ending with a
+checkpoint and a validation of two batches) times a step (data loading included), an epoch transition and a
+validation image; from those, the number of optimizer steps that fits the budget (less the epoch transitions and
+validations it will run) is fixed and written into the run's ``config.yaml`` as ``train.total_steps``. The
+schedule (warmup, cosine or multistep, the final no-mosaic phase, EMA) is then laid over those steps instead of over
+``train.epochs``, and the run starts from the same initial weights as a run given ``train.total_steps`` directly:
+a rerun with that step count repeats the run exactly, on any machine. ``trainer.max_time`` is set to what is
+left of the budget, so training stops at the budget whatever happens (a slower machine stops early, with
+``last.ckpt`` saved where it stopped). The progress bar shows the minutes left.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from detkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+UNITS = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, "hr": 3600, "d": 86400}
+PART = re.compile(r"(\d+(?:\.\d+)?)\s*(d|hr|h|min|m|sec|s)")
+
+
+def parse_budget(text: Any) -> float:
+    """``"10min"``, ``"2h"``, ``"1h30min"``, ``"90s"``, ``"0.5h"`` -> seconds; anything else is one line."""
+    s = str(text).strip().lower()
+    parts = PART.findall(s)
+    if not s or not parts or PART.sub("", s).strip():
+        raise ConfigError(f"train.budget = {text!r}: expected a duration such as 10min, 2h, 1h30min or 90s")
+    seconds = sum(float(n) * UNITS[u] for n, u in parts)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"train.budget = {text!r}: expected a positive duration")
+    return seconds
+
+
+def steps_per_epoch(cfg: Any, batches: int) -> int:
+    """Optimizer steps per epoch of ``batches`` training batches (``trainer.limit_train_batches`` applied)."""
+    limit = cfg.trainer.limit_train_batches
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        batches = min(batches, limit)
+    elif isinstance(limit, float):
+        batches = max(1, int(batches * limit))
+    return max(1, math.ceil(batches / int(cfg.trainer.accumulate_grad_batches)))
+
+
+class _Clock(L.Callback):
+    """Timestamps of a calibration run: steps (batch start to batch start, data loading included), epoch
+    transitions (checkpoint, loader restart) and validations (per image)."""
+
+    def __init__(self) -> None:
+        self.steps: list[float] = []
+        self.transitions: list[float] = []
+        self.validation: list[float] = []
+        self.val_images = 0
+        self._last: float | None = None
+        self._epoch_end: float | None = None
+        self._val_start = 0.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        now = time.perf_counter()
+        if self._epoch_end is not None:
+            self.transitions.append(now - self._epoch_end - sum(self.validation[-1:]))
+            self._epoch_end = None
+        elif self._last is not None:
+            self.steps.append(now - self._last)
+        self._last = now
+
+    def on_train_epoch_end(self, *args: Any) -> None:
+        self._epoch_end, self._last = time.perf_counter(), None
+
+    def on_validation_epoch_start(self, *args: Any) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, *args: Any) -> None:
+        self.val_images += len(batch["targets"])
+
+    def on_validation_epoch_end(self, *args: Any) -> None:
+        self.validation.append(time.perf_counter() - self._val_start)
+
+
+def _calibrate(cfg: Any, dm: Any, steps: int) -> dict[str, float]:
+    """Two short epochs of a throw-away run through the same engine (Lightning, callbacks, a checkpoint per epoch,
+    one validation of two batches each): seconds per step, per epoch transition, per validation image."""
+    import copy
+    import tempfile
+
+    from detkit.engine.module import DetectionModule
+    from detkit.engine.run import build_trainer
+
+    trial = copy.deepcopy(cfg)
+    trial.train.budget, trial.train.total_steps, trial.train.ema.enabled = None, None, cfg.train.ema.enabled
+    trial.trainer.update(max_steps=-1, max_time=None, limit_train_batches=steps, limit_val_batches=2,
+                         check_val_every_n_epoch=1, enable_model_summary=False, num_sanity_val_steps=0)
+    trial.train.epochs = 2
+    clock = _Clock()
+    with tempfile.TemporaryDirectory(prefix="detkit-budget-") as tmp:
+        module = DetectionModule(trial, classes=dm.classes)
+        trainer = build_trainer(trial, Path(tmp), callbacks=[clock])
+        trainer.fit(module, datamodule=dm)
+    median = lambda v: sorted(v)[len(v) // 2] if v else 0.0  # noqa: E731
+    val_s = sum(clock.validation) / max(1, clock.val_images)
+    return {"step": median(clock.steps[1:] or clock.steps), "transition": median(clock.transitions),
+            "val_image": val_s}
+
+
+def plan(cfg: Any, dm: Any, budget: float, started: float, steps: int = 8) -> dict[str, Any]:
+    """Time a short run (:func:`_calibrate`) and fix ``total_steps`` so that training, its epoch transitions and
+    its validations fit in what is left of ``budget`` seconds (counted from ``started``)."""
+    spe = steps_per_epoch(cfg, len(dm.train_dataloader()))
+    cost = _calibrate(cfg, dm, min(steps, spe))
+    step_s = cost["step"] * int(cfg.trainer.accumulate_grad_batches)
+    val = dm.dataset("val")
+    per_validation = (len(val) if val is not None else 0) * cost["val_image"]
+    left = budget - (time.perf_counter() - started)
+    every = cfg.trainer.check_val_every_n_epoch
+    total = max(1, int(left / step_s))
+    val_s = 0.0
+    for _ in range(8):  # validations and transitions depend on the epochs, which depend on the steps
+        epochs = math.ceil(total / spe)
+        validations = (epochs // int(every) if every else 0) + 1  # + the final weights' validation
+        val_s = validations * per_validation
+        spent = val_s + epochs * cost["transition"]
+        total = max(1, int(0.95 * (left - spent) / step_s))  # 5 %: logging, the unforeseen
+    return {"total_steps": total, "step_seconds": round(step_s, 4), "steps_per_epoch": spe,
+            "epoch_transition_seconds": round(cost["transition"], 3), "validation_seconds": round(val_s, 1),
+            "final_validation_seconds": round(per_validation, 1), "left_seconds": round(left, 1)}
+
+
+def apply_budget(cfg: Any, dm: Any, started: float) -> dict[str, Any] | None:
+    """With ``train.budget`` and no ``train.total_steps`` yet: plan the run and set ``train.total_steps`` (in
+    ``cfg``, so ``config.yaml`` records it). Returns the plan (``None`` without a budget)."""
+    if not cfg.train.budget or cfg.train.total_steps is not None:
+        return None
+    budget = parse_budget(cfg.train.budget)
+    found = plan(cfg, dm, budget, started)
+    cfg.train.total_steps = int(found["total_steps"])
+    log.info("train.budget = %s: %d steps (%.3f s each, %d per epoch, %.2f s per epoch transition), about %.0f s "
+             "of validation; train.total_steps=%d is in config.yaml (a rerun with it repeats this run)",
+             cfg.train.budget, found["total_steps"], found["step_seconds"], found["steps_per_epoch"],
+             found["epoch_transition_seconds"], found["validation_seconds"], found["total_steps"])
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # the run starts as one without calibration
+    return found
+
+
+def time_left(cfg: Any, started: float, reserve: float = 0.0) -> float | None:
+    """Seconds of ``train.budget`` left after ``started`` (less ``reserve``); ``None`` without a budget."""
+    if not cfg.train.budget:
+        return None
+    return max(1.0, parse_budget(cfg.train.budget) - (time.perf_counter() - started) - reserve)
+
+
+class BudgetProgress(L.Callback):
+    """Shows the minutes of the budget left in the progress bar (``left_min``)."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline  # time.perf_counter() at which the budget ends
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        pl_module.log("left_min", max(0.0, (self.deadline - time.perf_counter()) / 60), prog_bar=True,
+                      on_step=True, on_epoch=False, batch_size=1)
