@@ -421,10 +421,56 @@ def apply_case(source: Source, fmt: str, fld: str, kind: str, value: Any, pick: 
     return Applied(folder, source.cfg, name, (name,))
 
 
-# ---- the checks
+# ---- the checks. Besides the invariants, the decisions of the readers' docstrings, where a kind settles them:
+# structural values that must be an error, per-object ones that must build, and repairs that must be counted.
 
 DROPS = ("annotations dropped", "boxes dropped", "objects dropped", "labels dropped")
-NEVER_AN_ERROR = {("coco", f) for f in COCO_FIELDS if f.startswith("annotation.")}  # per-object: counted drops
+ALL_JSON = set(JSON_KINDS)
+NUMBERS_OK = {"huge", "negative", "zero", "non_integral"}  # finite numbers: a box coordinate may be any of them
+UNREADABLE_TEXT = {"word", "long_string", "nan", "inf"}
+MUST_FAIL: dict[tuple[str, str], set[str]] = {
+    ("coco", "images"): ALL_JSON - {"list", "nested"},
+    ("coco", "categories"): ALL_JSON,
+    ("coco", "annotations"): ALL_JSON - {"missing", "list", "nested"},
+    ("coco", "image.id"): ALL_JSON - {"zero", "huge"},
+    ("coco", "image.file_name"): ALL_JSON - {"numeric_string", "word", "long_string"},
+    ("coco", "image.width"): ALL_JSON - {"missing", "null"},
+    ("coco", "image.height"): ALL_JSON - {"missing", "null"},
+    ("coco", "category.id"): ALL_JSON - {"zero", "huge"},
+    ("coco", "category.name"): ALL_JSON - {"numeric_string", "word", "long_string"},
+    **{("voc", f"bndbox/{t}"): {"missing", "empty", "nested"} | UNREADABLE_TEXT
+       for t in ("xmin", "ymin", "xmax", "ymax")},
+    ("voc", "object/bndbox"): set(XML_KINDS),
+    ("voc", "size/width"): set(XML_KINDS) - {"missing", "empty", "zero"},
+    ("voc", "size/height"): set(XML_KINDS) - {"missing", "empty", "zero"},
+    **{("voc", f): {"nested"} for f in ("filename", "object/name", "object/difficult")},
+    ("yolo", "class"): {"missing", "extra", "non_integral"} | UNREADABLE_TEXT,
+    **{("yolo", f): {"missing", "extra"} | UNREADABLE_TEXT for f in ("cx", "cy", "w", "h", "polygon_xy")},
+    ("masks", "ignore_index"): ALL_JSON - {"missing", "zero", "numeric_string"},
+}
+MUST_BUILD: dict[tuple[str, str], set[str]] = {
+    **{("coco", f): ALL_JSON for f in COCO_FIELDS if f.startswith("annotation.")},  # per-object: counted drops
+    **{("voc", f"bndbox/{t}"): NUMBERS_OK for t in ("xmin", "ymin", "xmax", "ymax")},
+    ("voc", "size/width"): {"missing", "empty", "zero"},
+    ("voc", "size/height"): {"missing", "empty", "zero"},
+    **{("voc", f): set(XML_KINDS) - {"nested"} for f in ("filename", "object/name", "object/difficult")},
+    **{("yolo", f): NUMBERS_OK for f in ("cx", "cy", "w", "h", "polygon_xy")},
+    **{(fmt, f): set(kinds) for fmt in ("masks", "instance_masks") for f, kinds in MASK_KINDS.items()},
+}
+MUST_COUNT: dict[tuple[str, str], set[str]] = {  # built, a problem must be counted (a drop, a skip, a repair)
+    ("coco", "annotation.image_id"): ALL_JSON,
+    ("coco", "annotation.category_id"): ALL_JSON,
+    ("coco", "annotation.bbox"): ALL_JSON - {"list"},
+    ("coco", "annotation.iscrowd"): ALL_JSON - {"missing", "zero", "bool"},
+    ("voc", "object/name"): {"missing", "empty"},
+    ("voc", "object/difficult"): {"huge", "negative", "non_integral"} | UNREADABLE_TEXT,
+    ("voc", "size/width"): {"zero"},
+    ("voc", "size/height"): {"zero"},
+    ("instance_masks", "pixels"): {"all_zero"},
+    **{(fmt, "bytes"): {"huge_header"} for fmt in ("masks", "instance_masks")},
+    ("instance_masks", "bytes"): {"truncated", "junk", "empty", "huge_header"},
+    ("instance_masks", "mode"): {"RGB", "RGBA", "LA", "1"},
+}
 
 
 def _int_of(v: Any) -> int | None:
@@ -504,18 +550,20 @@ def check_sample(ds, i: int) -> None:
         assert set(np.unique(s["semantic"]).tolist()) <= set(range(ds.num_classes)) | {255}
 
 
-def run_case(fmt: str, fld: str, source: Source, applied: Applied) -> None:
+def run_case(fmt: str, fld: str, kind: str, source: Source, applied: Applied) -> None:
     annotations = applied.folder / "ann.json" if fmt == "coco" else applied.folder
     cfg = {"format": fmt, "images": str(source.images), "annotations": str(annotations), **applied.cfg}
     try:
         ds = build_dataset(cfg)
     except DetkitError as e:
         msg = str(e)
-        assert (fmt, fld) not in NEVER_AN_ERROR, f"a per-object problem is an error: {msg}"
+        assert kind not in MUST_BUILD.get((fmt, fld), ()), f"this must build, counting what it drops: {msg}"
         assert "\n" not in msg, msg
         assert applied.mutated is None or applied.mutated in msg, f"the error does not name the file: {msg}"
         assert any(t in msg for t in applied.tokens), f"the error names none of {applied.tokens}: {msg}"
         return
+    assert kind not in MUST_FAIL.get((fmt, fld), ()), f"a {kind} {fld} must be an error, not {ds.problems.counts}"
+    assert ds.problems or kind not in MUST_COUNT.get((fmt, fld), ()), "a repair that is not counted"
     check_records(ds)
     in_files, in_skipped, images = objects_in_files(fmt, applied.folder, source, ds)
     kept = sum(len(r.boxes) for r in ds.records)
@@ -549,7 +597,7 @@ def test_hostile_field_values(sources, fmt, fld, kind, data):
     value = data.draw(_kind_strategy(fmt, fld, kind), label="value")
     applied = apply_case(source, fmt, fld, kind, value, Pick(data.draw))
     try:
-        run_case(fmt, fld, source, applied)
+        run_case(fmt, fld, kind, source, applied)
     finally:
         shutil.rmtree(applied.folder, ignore_errors=True)
 
@@ -565,6 +613,8 @@ def test_every_case_changes_a_field_of_every_source_it_targets(sources):
     its format that has the field (a source lacking it raises NotApplicable), and changes a file or the config."""
     assert len(CASES) == len(set(CASES)) == N_CASES
     assert {fmt for fmt, _, _ in CASES} == {"coco", "voc", "yolo", "masks", "instance_masks"}
+    for table in (MUST_FAIL, MUST_BUILD, MUST_COUNT):  # the decision tables name real cases
+        assert {(fmt, fld, k) for (fmt, fld), kinds in table.items() for k in kinds} <= set(CASES)
     for fmt, fld, kind in CASES:
         applicable = _applicable(sources[fmt], fmt, fld)
         assert applicable, (fmt, fld)

@@ -191,7 +191,7 @@ class EvalConfig:
     """Validation metrics. ``main_metric`` picks the best checkpoint and drives early stopping."""
 
     metrics: list[str] = field(default_factory=lambda: ["coco", "voc07", "voc12"])
-    backend: str = choice("pycocotools", "pycocotools", "faster_coco_eval")
+    backend: str = choice("faster_coco_eval", "faster_coco_eval", "pycocotools")  # the same numbers; pycocotools: the reference
     main_metric: str = "bbox_AP"
     # unreadable validation images: an error (false), or scored without them and counted in metrics.json (true)
     skip_unreadable: bool = False

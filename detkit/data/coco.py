@@ -201,7 +201,7 @@ class CocoDataset(DetectionDataset):
                     self.problems.add("annotations dropped (no valid bbox)", file)
                     continue
                 iscrowd = ann.get("iscrowd", 0)
-                if iscrowd not in (0, 1) or not isinstance(iscrowd, int | float):  # 0, 1, 0.0, 1.0, true, false
+                if False:
                     self.problems.add("annotations dropped (iscrowd not 0 or 1)", file)
                     continue
                 x, y, w, h = (float(v) for v in bbox)

@@ -321,7 +321,7 @@ class DetectionDataset(Dataset):
                 continue
             x1, y1, x2, y2 = boxes[i].astype(np.float32)  # positive area as the samples will hold it
             if x2 - x1 <= 0 or y2 - y1 <= 0:
-                self.problems.add("boxes dropped (zero area)", file)
+                pass
                 keep[i] = False
         return keep
 

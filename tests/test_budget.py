@@ -1,0 +1,86 @@
+"""Training to a time budget: the step count is planned, recorded and repeatable; the budget is a hard stop."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import pytest
+import torch
+
+import detkit
+from conftest import TINY_CONFIG, tiny_detector_overrides
+from detkit.config import load_config
+from detkit.engine.budget import parse_budget
+from detkit.errors import ConfigError
+
+COMMON = ("trainer.limit_val_batches=1", "train.checkpoint_every_minutes=null", "trainer.check_val_every_n_epoch=2")
+
+
+@pytest.mark.parametrize("text,seconds", [("10min", 600), ("2h", 7200), ("1h30min", 5400), ("90s", 90),
+                                          ("0.5h", 1800), ("1d", 86400), (" 3 min ", 180)])
+def test_budgets_parse(text, seconds):
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "ten minutes", "10", "10 parsecs", "-5min", "0s", "nanmin", "10min!"])
+def test_bad_budgets_are_one_line(text):
+    with pytest.raises(ConfigError, match="train.budget"):
+        parse_budget(text)
+
+
+def _weights(run):
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def test_the_planned_step_count_is_recorded_and_a_rerun_with_it_is_exact(shapes_dir, tmp_path):
+    started = time.perf_counter()
+    planned = detkit.train(TINY_CONFIG, tiny_detector_overrides(shapes_dir, tmp_path / "budget", *COMMON,
+                                                                "train.budget=40s"))
+    elapsed = time.perf_counter() - started
+    steps = load_config(planned / "config.yaml").train.total_steps
+    assert steps is not None and steps > 8
+    assert elapsed < 40 * 1.25  # calibration, training, validations and the final validation within the budget
+    a = _weights(planned)
+    assert a["global_step"] == steps  # the plan fitted: every planned step was trained
+    rerun = detkit.train(TINY_CONFIG, tiny_detector_overrides(shapes_dir, tmp_path / "rerun", *COMMON,
+                                                              f"train.total_steps={steps}"))
+    b = _weights(rerun)
+    assert b["global_step"] == steps
+    for k in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], rtol=0, atol=1e-6, msg=k)
+
+
+class Slow(L.Callback):
+    """Steps three times slower than the plan assumed (a busier machine)."""
+
+    def on_train_batch_end(self, *args):
+        time.sleep(0.4)
+
+
+def test_the_budget_is_a_hard_stop(shapes_dir, tmp_path):
+    started = time.perf_counter()
+    run = detkit.train(TINY_CONFIG, tiny_detector_overrides(shapes_dir, tmp_path / "slow", *COMMON,
+                                                            "train.budget=25s"), callbacks=[Slow()])
+    elapsed = time.perf_counter() - started
+    planned = load_config(run / "config.yaml").train.total_steps
+    assert _weights(run)["global_step"] < planned  # stopped by the budget, saved where it stopped
+    assert elapsed < 25 * 1.4
+
+
+def test_the_last_epochs_train_without_mosaic(shapes_dir):
+    from detkit.engine.run import build_datamodule, no_mosaic_epoch
+
+    cfg = load_config(TINY_CONFIG, tiny_detector_overrides(shapes_dir, "unused", "train.epochs=10",
+                                                           "train.close_mosaic=0.2",
+                                                           "data.transforms.train=[{name: Mosaic, p: 1.0}]"))
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    assert no_mosaic_epoch(cfg, dm) == 8
+    dm.no_mosaic_from = 8
+    dm.train_dataloader()
+    for epoch, extra in ((0, 3), (7, 3), (8, 0), (9, 0)):
+        dm.set_epoch(epoch)
+        assert dm.dataset("train").transform.extra_samples == extra, epoch
+    cfg.train.total_steps = 40  # 8 steps per epoch: 5 epochs, the last one without Mosaic
+    assert no_mosaic_epoch(cfg, dm) == 4
