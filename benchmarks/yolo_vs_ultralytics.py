@@ -82,10 +82,10 @@ def write_json(path: Path, data: Any) -> None:
 # driver side (project venv)
 def load_cfg(config: Path, image_size: int, overrides: list[str]):
     from detkit.config import load_config
-    from detkit.engine.run import ensure_data
+    from detkit.data.shapes import ensure_shapes
 
     cfg = load_config(config, [f"data.image_size={image_size}", *overrides])
-    ensure_data(cfg)  # data.generate: shapes makes the shapes set on first use
+    ensure_shapes(cfg.data)  # data.generate: shapes makes the shapes set on first use
     return cfg
 
 

@@ -105,6 +105,28 @@ def test_a_plain_voc_file_still_parses(tmp_path):
     assert len(ds) == 3 and not ds.problems
 
 
+@pytest.mark.parametrize("text, message", [
+    ('{"images": [], "categories": [{"id": ' + "7" * 5000 + ', "name": "x"}]}', "malformed JSON (Exceeds the limit"),
+    ('{"images": ' + "[" * 200_000 + "]" * 200_000 + "}", "malformed JSON (nested too deeply)"),
+], ids=["5000-digit-number", "nested-200000-deep"])
+def test_hostile_json_is_one_line(tmp_path, text, message):
+    ann = tmp_path / "ann.json"
+    ann.write_text(text)
+    with pytest.raises(DataError) as e:
+        build_dataset({"format": "coco", "images": str(tmp_path), "annotations": str(ann)})
+    assert str(e.value).startswith(f"{ann}: {message}") and "\n" not in str(e.value)
+
+
+def test_a_classes_yaml_naming_itself_is_refused(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / "a.png")
+    classes = tmp_path / "classes.yaml"
+    classes.write_text(f"names: {classes}\n")  # read as a file name, it would be read again, and again...
+    with pytest.raises(DataError, match=r"classes.yaml: names = '/.*: expected a list or a mapping"):
+        build_dataset({"format": "yolo", "images": str(images), "classes": str(classes)})
+
+
 # ---- images whose header claims too many pixels
 
 def _images(folder, **files):
@@ -220,16 +242,23 @@ def test_the_data_module_passes_max_image_pixels(shapes_dir):
     assert ds.max_pixels == 9000 and len(ds) == 0 and ds.problems.counts["images skipped (over 9000 pixels)"] > 0
 
 
-def test_predict_skips_an_image_over_the_limit(tmp_path, capsys, caplog):
-    big = tmp_path / "big.png"
-    big.write_bytes(png_claiming(20000, 20000))
+def test_predict_skips_images_over_the_limit(tmp_path, capsys, caplog):
+    big, mid = tmp_path / "big.png", tmp_path / "mid.png"
+    big.write_bytes(png_claiming(20000, 20000))  # over twice Pillow's limit: Pillow would refuse it
+    mid.write_bytes(png_claiming(10000, 10000))  # between once and twice: Pillow would only warn, and decode it
     good = tmp_path / "raccoon-1.jpg"
     shutil.copy(FIXTURES / "raccoon_mini/images/raccoon-1.jpg", good)
     with caplog.at_level(logging.WARNING), warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        assert main(["predict", str(CHECKPOINT), str(big), str(good), "--out", str(tmp_path / "out")]) == 0
-    assert "1 images (1 skipped)" in capsys.readouterr().out
-    skipped = [r.getMessage() for r in caplog.records if "big.png" in r.getMessage()]
-    assert len(skipped) == 1 and "image header claims 400000000 pixels" in skipped[0]
-    assert json.loads((tmp_path / "out" / "predictions.json").read_text()) is not None
-    assert not (tmp_path / "out" / "big.jpg").exists() and (tmp_path / "out" / "raccoon-1.jpg").exists()
+        assert main(["predict", str(CHECKPOINT), str(big), str(mid), str(good), "--out", str(tmp_path / "out")]) == 0
+    assert "1 images (2 skipped)" in capsys.readouterr().out
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if "big.png" in m] == [f"skipping {big}: {big}: image header claims 400000000 pixels, "
+                                                       f"over the limit of {PILLOW_LIMIT} (Pillow's MAX_IMAGE_PIXELS): "
+                                                       "not decoded"]
+    assert [m for m in messages if "mid.png" in m] == [f"skipping {mid}: {mid}: image header claims 10000x10000 = "
+                                                       f"100000000 pixels, over the limit of {PILLOW_LIMIT} (Pillow's "
+                                                       "MAX_IMAGE_PIXELS): not decoded"]
+    results = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert {r["file_name"] for r in results} <= {str(good)}
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.jpg")) == ["raccoon-1.jpg"]

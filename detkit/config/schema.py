@@ -191,7 +191,8 @@ class EvalConfig:
     """Validation metrics. ``main_metric`` picks the best checkpoint and drives early stopping."""
 
     metrics: list[str] = field(default_factory=lambda: ["coco", "voc07", "voc12"])
-    backend: str = choice("faster_coco_eval", "faster_coco_eval", "pycocotools")  # the same numbers; pycocotools: the reference
+    # the same numbers; faster_coco_eval is 3-4x faster, pycocotools the reference
+    backend: str = choice("faster_coco_eval", "faster_coco_eval", "pycocotools")
     main_metric: str = "bbox_AP"
     # unreadable validation images: an error (false), or scored without them and counted in metrics.json (true)
     skip_unreadable: bool = False

@@ -51,6 +51,10 @@ def read_json(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: malformed JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise DataError(f"{path}: malformed JSON ({str(e).split(':')[0]})") from None
+    except RecursionError:
+        raise DataError(f"{path}: malformed JSON (nested too deeply)") from None
 
 
 def segmentation_to_mask(seg: Any, height: int, width: int) -> np.ndarray:
@@ -201,7 +205,7 @@ class CocoDataset(DetectionDataset):
                     self.problems.add("annotations dropped (no valid bbox)", file)
                     continue
                 iscrowd = ann.get("iscrowd", 0)
-                if False:
+                if iscrowd not in (0, 1) or not isinstance(iscrowd, int | float):  # 0, 1, 0.0, 1.0, true, false
                     self.problems.add("annotations dropped (iscrowd not 0 or 1)", file)
                     continue
                 x, y, w, h = (float(v) for v in bbox)

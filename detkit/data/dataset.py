@@ -12,6 +12,10 @@ repaired and counting every repair in :class:`Problems`; :meth:`DetectionDataset
 ``masks``      N x H x W uint8, optional (instance segmentation)
 ``semantic``   H x W int64, optional (class index 0..K-1, 255 where unlabeled)
 ``image_id``, ``orig_size`` (h, w), ``file``
+
+Images and masks are opened header first (:func:`detkit.data.fields.open_image`): one that claims more pixels than
+the dataset's ``max_pixels`` (``data.max_image_pixels``; default Pillow's limit) is skipped, counted, when the
+dataset is built, and refused with a one-line :class:`DataError` by :func:`read_image`, never decoded.
 """
 
 from __future__ import annotations
@@ -214,7 +218,7 @@ def resolve_classes(value: Any) -> tuple[list[str], list[Any]] | None:
 
             try:
                 data = yaml.safe_load(text)
-            except yaml.YAMLError as e:
+            except (yaml.YAMLError, ValueError, RecursionError) as e:
                 raise DataError(f"{path}: malformed YAML ({' '.join(str(e).split())[:120]})") from None
             data = data.get("names", data.get("classes")) if isinstance(data, dict) else data
             if data is None:
@@ -321,7 +325,7 @@ class DetectionDataset(Dataset):
                 continue
             x1, y1, x2, y2 = boxes[i].astype(np.float32)  # positive area as the samples will hold it
             if x2 - x1 <= 0 or y2 - y1 <= 0:
-                pass
+                self.problems.add("boxes dropped (zero area)", file)
                 keep[i] = False
         return keep
 

@@ -29,7 +29,10 @@ SEGMENT_MARGIN = 1.0  # polygon vertices may lie this many image sizes outside t
 
 def show(value: Any, limit: int = 40) -> str:
     """``repr(value)``, cut to ``limit`` characters (a hostile value can be a megabyte long)."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int of over 4300 digits, a container nested too deeply
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
 
 

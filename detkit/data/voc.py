@@ -83,7 +83,7 @@ def _side(path: Path, size: Element | None, tag: str) -> int | None:
         return None
     x = text_number(text)
     if x is None or not x.is_integer() or not 0 <= x <= MAX_SIDE:
-        raise DataError(f"{path}: <size><{tag}> = {show(text)}: expected an integer in 1..{MAX_SIDE}")
+        raise DataError(f"{path}: <size><{tag}> = {show(text)}: expected an integer in 1..{MAX_SIDE} (or 0: unknown)")
     return int(x)
 
 

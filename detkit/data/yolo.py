@@ -60,7 +60,7 @@ def parse_yolo_txt(path: Path, width: int, height: int
         if bad:
             raise DataError(f"{path}:{lineno}: not numbers: {show(line.strip(), 60)} (field {bad[0] + 1}, "
                             f"{show(fields[bad[0]])}, is not a finite number)")
-        cls = int(numbers[0])
+        cls = text_int(fields[0])
         if cls is None:
             raise DataError(f"{path}:{lineno}: class {show(fields[0])} is not an integer (a class index)")
         values: list[float] = numbers[1:]  # type: ignore[assignment]

@@ -67,8 +67,8 @@ class _Clock(L.Callback):
 
     def on_train_batch_start(self, *args: Any) -> None:
         now = time.perf_counter()
-        if self._epoch_end is not None:
-            self.transitions.append(now - self._epoch_end - sum(self.validation[-1:]))
+        if self._epoch_end is not None:  # (the epoch's validation ran before its on_train_epoch_end)
+            self.transitions.append(now - self._epoch_end)
             self._epoch_end = None
         elif self._last is not None:
             self.steps.append(now - self._last)
@@ -112,7 +112,7 @@ def _calibrate(cfg: Any, dm: Any, steps: int) -> dict[str, float]:
             "val_image": val_s}
 
 
-def plan(cfg: Any, dm: Any, budget: float, started: float, steps: int = 8) -> dict[str, Any]:
+def plan(cfg: Any, dm: Any, budget: float, started: float, steps: int = 5) -> dict[str, Any]:
     """Time a short run (:func:`_calibrate`) and fix ``total_steps`` so that training, its epoch transitions and
     its validations fit in what is left of ``budget`` seconds (counted from ``started``)."""
     spe = steps_per_epoch(cfg, len(dm.train_dataloader()))

@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Accuracy at equal wall-clock time: detkit's configs and Ultralytics YOLOv8n, trained for the same budget on the
+same machine, one after the other, scored by the same evaluator (detkit's, pycocotools) on the same validation split.
+
+    bash benchmarks/setup_ultralytics.sh            # YOLOv8n's own venv (never a detkit dependency)
+    .venv/bin/python benchmarks/budget.py --dataset raccoon --budget 10min --image-size 320
+    .venv/bin/python benchmarks/budget.py --dataset coco128 --budget 10min --image-size 320 --rows ultralytics,yolo_af
+
+Rows (``--rows``, comma-separated, default all): detkit configs from scratch (``ROWS``; each
+``detkit train CONFIG train.budget=B data.image_size=S``, then ``detkit eval`` of its final weights with
+``eval.backend=pycocotools``), the same with the ImageNet ``tf_efficientnet_lite0`` weights of ``../shared/weights``
+(``lite0_imagenet``), and ``ultralytics``: YOLOv8n from random init with ``time=B`` (Ultralytics lays its schedule
+over the time, as ``train.budget`` does), its final weights predicting the val split through its own validator at
+detkit's score/NMS settings, the predictions scored by detkit's evaluator
+(``benchmarks/yolo_vs_ultralytics.py`` does the dataset export and the Ultralytics side).
+
+Reported per row: AP (@[.5:.95]), AP50, AP75, epochs done, training images/s (images seen / training seconds) and
+the wall time of the training command. The JSON report goes to ``--out`` (default ``WORK/DATASET/report.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import yolo_vs_ultralytics as yvu  # noqa: E402  (the Ultralytics side and the dataset export)
+
+LITE0 = ROOT.parent / "shared" / "weights" / "tf_efficientnet_lite0.in1k.timm.pth"
+DATASETS = {"raccoon": "configs/{head}/raccoon.yaml", "coco128": "configs/{head}/coco128.yaml"}
+# row -> (head folder, overrides): every row at the same image size and budget
+ROWS: dict[str, tuple[str, list[str]]] = {
+    "yolo": ("yolo", []),
+    "yolo_af": ("yolo_af", []),
+    "yolo_af_regnetx_400mf": ("yolo_af", ["model.backbone.name=regnet_x_400mf"]),
+    "yolo_af_mobilenet_v3_large": ("yolo_af", ["model.backbone.name=mobilenet_v3_large"]),
+    "yolo_af_efficientnet_b0": ("yolo_af", ["model.backbone.name=efficientnet_b0"]),
+    "lite0_imagenet": ("yolo_af", ["model.backbone.name=timm:tf_efficientnet_lite0",
+                                   f"model.backbone.pretrained={LITE0}"]),
+}
+
+
+def detkit_row(args: argparse.Namespace, name: str, work: Path) -> dict[str, Any]:
+    head, overrides = ROWS[name]
+    config = ROOT / DATASETS[args.dataset].format(head=head)
+    run = work / name
+    shutil.rmtree(run, ignore_errors=True)
+    cmd = [sys.executable, "-m", "detkit"]
+    train = [*cmd, "train", str(config), f"train.budget={args.budget}", f"data.image_size={args.image_size}",
+             f"output_dir={run}", f"seed={args.seed}", "trainer.enable_progress_bar=false", *overrides,
+             *args.detkit_override]
+    wall = yvu.run_logged(train, work / f"{name}.train.log", args.verbose)
+    metrics_file = run / "eval_last" / "metrics.json"
+    yvu.run_logged([*cmd, "eval", str(run), "--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--out",
+                    str(metrics_file), "eval.backend=pycocotools", "eval.skip_unreadable=true"],
+                   work / f"{name}.eval.log", args.verbose)
+    metrics = json.loads(metrics_file.read_text())
+    import torch
+
+    from detkit.config import load_config
+
+    cfg = load_config(run / "config.yaml")
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    steps = int(ckpt["global_step"])
+    batches = int(ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"])
+    per_epoch = -(-_train_images(cfg) // int(cfg.data.batch_size))
+    epochs = int(ckpt["epoch"]) + batches / per_epoch
+    return {"row": name, "model": f"detkit {head} {cfg.model.backbone.name}", "config": str(config),
+            "overrides": overrides, "AP": metrics.get("bbox_AP"), "AP50": metrics.get("bbox_AP50"),
+            "AP75": metrics.get("bbox_AP75"), "epochs": round(epochs, 1), "steps": steps,
+            "planned_steps": cfg.train.total_steps, "images_per_s": round(steps * cfg.data.batch_size / wall, 1),
+            "wall_s": round(wall, 1), "run": str(run)}
+
+
+def _train_images(cfg) -> int:
+    from detkit.data.build import build_dataset
+
+    return len(build_dataset(cfg.data.train, with_masks=False, key="data.train"))
+
+
+def ultralytics_row(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from detkit.engine.budget import parse_budget
+
+    config = ROOT / DATASETS[args.dataset].format(head="yolo_af")
+    cfg = yvu.load_cfg(config, args.image_size, [])
+    manifest = yvu.export_yolo(cfg, work / "dataset")
+    hours = parse_budget(args.budget) / 3600
+    train_args = {"epochs": 1000, "time": hours, "imgsz": args.image_size, "batch": 16, "workers": args.workers,
+                  "device": "cpu", "amp": False, "plots": False, "pretrained": False, "val": False, "seed": args.seed,
+                  "exist_ok": True}
+    spec = {"mode": "train", "work": str(work), "threads": args.threads, "model": yvu.ULTRA_MODEL,
+            "data": str(work / "dataset" / "data.yaml"), "project": str(work / "ultralytics"),
+            "train_args": train_args,
+            "val_args": {"imgsz": args.image_size, "conf": 0.001, "iou": 0.6, "max_det": 300, "batch": 16,
+                         "device": "cpu", "plots": False, "save_json": True, "exist_ok": True}}
+    ns = argparse.Namespace(ultralytics_python=args.ultralytics_python, work=str(work), verbose=args.verbose)
+    start = time.perf_counter()
+    res = yvu.run_worker(ns, spec, "ultralytics_train")
+    wall = time.perf_counter() - start
+    metrics = yvu.score_ultralytics(Path(res["predictions"]), work / "ultralytics" / "detkit_eval" /
+                                    "predictions.json", manifest, cfg)
+    epochs = res["train_s"] / res["epoch_s"] if res["epoch_s"] else None
+    images = manifest["train"]["images"]
+    return {"row": "ultralytics", "model": "Ultralytics YOLOv8n", "AP": metrics.get("bbox_AP"),
+            "AP50": metrics.get("bbox_AP50"), "AP75": metrics.get("bbox_AP75"),
+            "epochs": round(epochs, 1) if epochs else None,
+            "images_per_s": round(images * epochs / res["train_s"], 1) if epochs else None,
+            "wall_s": round(wall, 1), "train_s": round(res["train_s"], 1), "train_args": train_args}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", choices=tuple(DATASETS), default="raccoon")
+    p.add_argument("--budget", default="10min")
+    p.add_argument("--image-size", type=int, default=320)
+    p.add_argument("--rows", default=",".join(["ultralytics", *ROWS]))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--detkit-override", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--workers", type=int, default=2, help="Ultralytics dataloader workers")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the Ultralytics training")
+    p.add_argument("--ultralytics-python", default=str(yvu.DEFAULT_ULTRA_PYTHON))
+    p.add_argument("--work", default=str(ROOT / "runs" / "bench" / "budget"))
+    p.add_argument("--out", default=None)
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    work = Path(args.work) / args.dataset
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else work / "report.json"
+    report = json.loads(out.read_text()) if out.is_file() else {"rows": {}}
+    report.update(dataset=args.dataset, budget=args.budget, image_size=args.image_size, cpus=os.cpu_count())
+    for name in [r.strip() for r in args.rows.split(",") if r.strip()]:
+        if name == "lite0_imagenet" and not LITE0.is_file():
+            print(f"skipping {name}: {LITE0} not found")
+            continue
+        row = ultralytics_row(args, work) if name == "ultralytics" else detkit_row(args, name, work)
+        row["loadavg"] = os.getloadavg()
+        report["rows"][name] = row
+        yvu.write_json(out, report)
+        print(json.dumps(row), flush=True)
+    rows = list(report["rows"].values())
+    yvu.print_table(["model", "row", "AP", "AP50", "AP75", "epochs", "img/s", "wall min"],
+                    [[r["model"], r["row"], yvu._f(r["AP"]), yvu._f(r["AP50"]), yvu._f(r["AP75"]), r.get("epochs"),
+                      r.get("images_per_s"), f"{r['wall_s'] / 60:.1f}"] for r in rows],
+                    f"{args.dataset} @ {args.image_size} px, {args.budget} each, scored by detkit's evaluator")
+    print(f"report: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:] if len(sys.argv) > 1 and sys.argv[1] != "_worker" else None))
