@@ -288,7 +288,7 @@ def test_datamodule_builds_a_mosaic_config(shapes_dir):
     assert dm.datasets["train"].transform.extra_samples == 3
 
     def batch():
-        dm.set_epoch(0, 123)  # what the engine does at each epoch start
+        dm.set_epoch(0)  # what the engine does at each epoch start
         return next(iter(dm.train_dataloader()))
 
     first = batch()

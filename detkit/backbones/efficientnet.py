@@ -51,21 +51,23 @@ def compound_scaling(phi: float, alpha: float = 1.2, beta: float = 1.1, gamma: f
 
 
 def build_efficientnet(width_mult: float, depth_mult: float, num_classes: int = 1000, dropout: float = 0.2,
-                       tf_norm: bool = False) -> nn.Module:
+                       tf_norm: bool = False, drop_path: float | None = None) -> nn.Module:
     stages = [MBConvConfig(*row, width_mult=width_mult, depth_mult=depth_mult) for row in B0_STAGES]
     norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.01) if tf_norm else None
-    return EfficientNet(stages, dropout=dropout, num_classes=num_classes, norm_layer=norm)
+    return EfficientNet(stages, dropout=dropout, num_classes=num_classes, norm_layer=norm,
+                        stochastic_depth_prob=0.2 if drop_path is None else float(drop_path))
 
 
 def _named(name: str):
     width, depth, _, dropout = NAMED[name]
-    return lambda cfg, num_classes: build_efficientnet(width, depth, num_classes, dropout, name in TF_NORM)
+    return lambda cfg, num_classes: build_efficientnet(width, depth, num_classes, dropout, name in TF_NORM,
+                                                       cfg.drop_path)
 
 
 def _phi_network(cfg, num_classes: int) -> nn.Module:
     p = cfg.efficientnet
     width, depth, _ = compound_scaling(p.phi, p.alpha, p.beta, p.gamma)
-    return build_efficientnet(width, depth, num_classes)
+    return build_efficientnet(width, depth, num_classes, drop_path=cfg.drop_path)
 
 
 def _phi_resolution(cfg) -> int:

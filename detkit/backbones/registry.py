@@ -93,8 +93,11 @@ def build_backbone(cfg: BackboneConfig | DictConfig | Mapping | str | None = Non
     """
     cfg = _as_config(cfg, overrides)
     if cfg.name.startswith(TIMM_PREFIX):
-        return BACKBONES.check(cfg.name, BACKBONES.get(cfg.name)(cfg))
+        return BACKBONES.check(cfg.name, set_bn_momentum(BACKBONES.get(cfg.name)(cfg), cfg.bn_momentum))
     spec = get_spec(cfg.name)
+    if cfg.drop_path is not None and spec.family != "efficientnet":
+        raise ConfigError(f"model.backbone.drop_path = {cfg.drop_path}: {cfg.name} has no stochastic depth "
+                          f"(EfficientNet and timm models have)")
     network = _build_network(spec, cfg, 1000)
     backbone = Backbone(
         network,
@@ -112,7 +115,16 @@ def build_backbone(cfg: BackboneConfig | DictConfig | Mapping | str | None = Non
         state, source = _pretrained_state(spec, cfg.pretrained)
         dropped = tuple(f"{n}." for n in backbone.dropped)
         load_into(backbone.network, state, source=source, name=cfg.name, ignored_prefixes=dropped)
-    return BACKBONES.check(cfg.name, backbone)
+    return BACKBONES.check(cfg.name, set_bn_momentum(backbone, cfg.bn_momentum))
+
+
+def set_bn_momentum(module: nn.Module, momentum: float | None) -> nn.Module:
+    """Every BatchNorm's running-statistics momentum (``model.backbone.bn_momentum``; ``None``: as built)."""
+    if momentum is not None:
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = float(momentum)
+    return module
 
 
 def _pretrained_state(spec: BackboneSpec, pretrained: str) -> tuple[dict, str]:

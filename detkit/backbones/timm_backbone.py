@@ -144,5 +144,8 @@ def build_timm_backbone(cfg) -> TimmBackbone:
     model_name = cfg.name[len(PREFIX):]
     if not model_name:
         raise ConfigError("model.backbone.name = 'timm:': name a timm model, e.g. timm:tf_efficientnet_lite0")
+    kwargs = dict(cfg.kwargs)
+    if cfg.drop_path is not None:
+        kwargs.setdefault("drop_path_rate", float(cfg.drop_path))
     return TimmBackbone(model_name, cfg.out_levels, frozen_stages=cfg.frozen_stages, norm=cfg.norm,
-                        pretrained=cfg.pretrained, kwargs=dict(cfg.kwargs))
+                        pretrained=cfg.pretrained, kwargs=kwargs)

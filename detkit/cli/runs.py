@@ -70,7 +70,8 @@ def _eval_predictions(args: argparse.Namespace):
         cfg = load_config(gt, args.overrides)
         if cfg.data[args.split].format is None:
             raise DetkitError(f"{gt}: data.{args.split} is not configured")
-        dataset = build_dataset(cfg.data[args.split], transform=None, with_masks=False, key=f"data.{args.split}")
+        dataset = build_dataset(cfg.data[args.split], transform=None, with_masks=False, key=f"data.{args.split}",
+                                max_pixels=cfg.data.max_image_pixels)
         cat_to_label = dataset.cat_to_label()
         ground_truth: Path | dict = dataset_to_coco(dataset)
     else:

@@ -80,6 +80,10 @@ class BackboneConfig:
     out_levels: list[str] = field(default_factory=lambda: ["c2", "c3", "c4", "c5"])
     frozen_stages: int = ranged(0, ge=0)
     norm: str = choice("bn", "bn", "frozen_bn", "sync_bn")
+    # every BatchNorm's momentum (null: the family's own; MobileNetV3 and TF-ported nets use 0.01, which lags far
+    # behind the weights in a short from-scratch run)
+    bn_momentum: float | None = ranged(None, gt=0, le=1)
+    drop_path: float | None = ranged(None, ge=0, lt=1)  # stochastic depth (EfficientNet, timm); null: the default
     regnet: RegNetParams = field(default_factory=RegNetParams)
     anynet: AnyNetParams = field(default_factory=AnyNetParams)
     efficientnet: EfficientNetParams = field(default_factory=EfficientNetParams)
@@ -172,6 +176,7 @@ class TrainConfig:
     optimizer: str = choice("sgd", "sgd", "adamw")
     momentum: float = ranged(0.9, ge=0, lt=1)  # sgd momentum; adamw beta1
     weight_decay: float = ranged(1e-4, ge=0)
+    depthwise_weight_decay: float | None = ranged(None, ge=0)  # depthwise conv weights (null: weight_decay)
     norm_weight_decay: float = ranged(0.0, ge=0)  # weight decay of normalisation weights and of all biases
     warmup_iters: int = ranged(100, ge=0)  # linear warmup from warmup_factor * lr, in optimizer steps
     warmup_factor: float = ranged(0.001, gt=0, le=1)

@@ -1,7 +1,8 @@
 """Optimizer and learning-rate schedule from ``train.*``.
 
-Parameter groups: normalisation weights and all biases get ``train.norm_weight_decay`` (0 by default), the
-rest ``train.weight_decay``; frozen parameters are left out. The schedule is per optimizer step: a linear
+Parameter groups: normalisation weights and all biases get ``train.norm_weight_decay`` (0 by default), depthwise
+convolution weights ``train.depthwise_weight_decay`` (by default ``train.weight_decay``), the rest
+``train.weight_decay``; frozen parameters are left out. The schedule is per optimizer step: a linear
 warmup from ``warmup_factor * lr`` over ``warmup_iters`` steps, then cosine to 0 over the run, multistep
 (``lr * gamma**k`` after the k-th milestone epoch) or constant.
 """
@@ -18,20 +19,36 @@ from torch import nn
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
-def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay, seen = [], [], set()
+def is_depthwise(module: nn.Module) -> bool:
+    """A depthwise convolution: one filter per input channel (MobileNet, EfficientNet, ...)."""
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
+def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float,
+                 depthwise_weight_decay: float | None = None) -> list[dict[str, Any]]:
+    """Normalisation weights and biases: ``norm_weight_decay``; depthwise convolution weights:
+    ``depthwise_weight_decay`` (``None``: ``weight_decay``); the rest ``weight_decay``."""
+    decay, no_decay, depthwise, seen = [], [], [], set()
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            (no_decay if isinstance(module, NORM_TYPES) or name == "bias" or p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": norm_weight_decay}]
+            if isinstance(module, NORM_TYPES) or name == "bias" or p.ndim <= 1:
+                no_decay.append(p)
+            elif depthwise_weight_decay is not None and is_depthwise(module):
+                depthwise.append(p)
+            else:
+                decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": norm_weight_decay},
+              {"params": depthwise, "weight_decay": depthwise_weight_decay}]
     return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: nn.Module, t: Any) -> torch.optim.Optimizer:
-    groups = param_groups(model, float(t.weight_decay), float(t.norm_weight_decay))
+    depthwise = t.depthwise_weight_decay
+    groups = param_groups(model, float(t.weight_decay), float(t.norm_weight_decay),
+                          None if depthwise is None else float(depthwise))
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=t.lr, betas=(t.momentum, 0.999))
     return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
