@@ -41,10 +41,10 @@ def test_eval_prints_a_table_and_writes_metrics_and_pr_curves(cli_run, capsys, t
     assert "AP50" in text and "circle" in text
     metrics = json.loads(out.read_text())
     assert 0 <= metrics["bbox_AP50"] <= 1 and "per_class" in metrics
-    assert (cli_run / "pr_curves" / "pr_overall.png").is_file()
+    assert (tmp_path / "m_pr_curves" / "pr_overall.png").is_file()  # beside --out: the run's own files untouched
     # the scored detections, re-scored with no model involved, give the same numbers
     rescored = tmp_path / "rescored.json"
-    assert main(["eval", "--predictions", str(cli_run / "predictions.json"), "--ground-truth",
+    assert main(["eval", "--predictions", str(tmp_path / "m_predictions.json"), "--ground-truth",
                  str(_val_json(cli_run)), "--out", str(rescored)]) == 0
     again = json.loads(rescored.read_text())
     for key in ("bbox_AP", "bbox_AP50", "voc07_mAP", "voc12_mAP"):

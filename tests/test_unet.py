@@ -237,7 +237,7 @@ def test_eval_prints_the_per_class_table_and_matches_training(unet_run, tmp_path
                         "--out", str(tmp_path / "m.json"), "trainer.enable_progress_bar=false")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "mIoU" in result.stdout and "background" in result.stdout and "IoU" in result.stdout
-    assert (unet_run / "confusion_matrix.png").is_file()
+    assert (tmp_path / "m_confusion_matrix.png").is_file()  # beside --out: the run's own files untouched
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert set(metrics) >= {"mIoU", "pixel_acc", "mean_class_acc", "dice", "per_class"}
 

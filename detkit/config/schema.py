@@ -4,9 +4,10 @@ Every key a config may set is declared here, with its type and default. The data
 constructor arguments of the parts they configure (``model.backbone`` -> :func:`detkit.backbones.build_backbone`,
 ``model.neck`` -> :func:`detkit.necks.build_neck`, ...). Keys whose value must be one of a few words carry
 ``choices`` metadata, numbers that have bounds ``range`` metadata (:func:`ranged`), checked after loading (see
-:mod:`detkit.config.loader`); no float anywhere may be NaN or infinite. The names of parts
-(``model.backbone.name``, ``model.neck.name``, ``model.head.name``) are not listed here: each is checked against its
-registry (``detkit.models.check_model_config``), the one place that knows them.
+:mod:`detkit.config.loader`); no float anywhere may be NaN or infinite. (A part's own parameters -- the RegNet /
+AnyNet / EfficientNet ones, ``model.head.params`` -- are checked by the part's builder, with its own messages.)
+The names of parts (``model.backbone.name``, ``model.neck.name``, ``model.head.name``) are not listed here: each is
+checked against its registry (``detkit.models.check_model_config``), the one place that knows them.
 
 Sections that pass arguments through to a library (``model.backbone.kwargs`` for timm, ``trainer.extra``
 for Lightning) are free-form dicts.
@@ -41,13 +42,13 @@ class RegNetParams:
     multiple of 8); blocks of equal width form a stage.
     """
 
-    depth: int = ranged(22, ge=1)
-    w0: int = ranged(24, ge=8)
-    wa: float = ranged(24.48, gt=0)
-    wm: float = ranged(2.54, gt=1)
-    group_width: int = ranged(16, ge=1)
-    bottleneck_ratio: float = ranged(1.0, gt=0)
-    se_ratio: float = ranged(0.0, ge=0, lt=1)
+    depth: int = 22
+    w0: int = 24
+    wa: float = 24.48
+    wm: float = 2.54
+    group_width: int = 16
+    bottleneck_ratio: float = 1.0
+    se_ratio: float = 0.0
 
 
 @dataclass
@@ -55,10 +56,10 @@ class AnyNetParams:
     """Any 4-stage (or n-stage) X-block network, stage by stage (used when ``model.backbone.name: anynet``): the
     form every sample of a design space takes (``detkit design-space``). Defaults: RegNetX-400MF's stages."""
 
-    depths: list[int] = ranged(None, ge=1, factory=lambda: [1, 2, 7, 12])
-    widths: list[int] = ranged(None, ge=1, factory=lambda: [32, 64, 160, 400])
-    group_widths: list[int] = ranged(None, ge=1, factory=lambda: [16, 16, 16, 16])
-    bottleneck_ratios: list[float] = ranged(None, gt=0, factory=lambda: [1.0, 1.0, 1.0, 1.0])  # inner / width
+    depths: list[int] = field(default_factory=lambda: [1, 2, 7, 12])
+    widths: list[int] = field(default_factory=lambda: [32, 64, 160, 400])
+    group_widths: list[int] = field(default_factory=lambda: [16, 16, 16, 16])
+    bottleneck_ratios: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])  # inner / width
     se_ratio: float = 0.0
 
 
@@ -68,9 +69,9 @@ class EfficientNetParams:
     resolution gamma^phi times 224."""
 
     phi: float = 0.0
-    alpha: float = ranged(1.2, gt=0)
-    beta: float = ranged(1.1, gt=0)
-    gamma: float = ranged(1.15, gt=0)
+    alpha: float = 1.2
+    beta: float = 1.1
+    gamma: float = 1.15
 
 
 @dataclass
