@@ -262,3 +262,67 @@ def test_predict_skips_images_over_the_limit(tmp_path, capsys, caplog):
     results = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert {r["file_name"] for r in results} <= {str(good)}
     assert sorted(p.name for p in (tmp_path / "out").glob("*.jpg")) == ["raccoon-1.jpg"]
+
+
+# ------------------------------------------------------------------------ checkpoints that would run code
+class _Payload:
+    """Unpickling this object calls ``open(marker, "w")``: a file that would run code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _evil_checkpoint(tmp_path):
+    """A real checkpoint (a run directory around it too) with a payload hidden in its hyper-parameters."""
+    import torch
+
+    marker = tmp_path / "marker"
+    ckpt = torch.load(CHECKPOINT, weights_only=True)
+    ckpt["hyper_parameters"]["note"] = _Payload(marker)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("best.ckpt", "last.ckpt"):
+        torch.save(ckpt, run / "checkpoints" / name)
+    from omegaconf import OmegaConf
+
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(torch.load(
+        CHECKPOINT, weights_only=True)["hyper_parameters"]["config"])))
+    return run, marker
+
+
+@pytest.mark.parametrize("command", [
+    ["predict", "{run}", "{image}"],
+    ["predict", "{run}/checkpoints/best.ckpt", "{image}"],
+    ["eval", "{run}"],
+    ["export", "{run}", "--format", "onnx", "--out", "{tmp}/m.onnx"],
+    ["train", "--resume", "{run}"],
+])
+def test_a_checkpoint_that_would_run_code_is_refused_by_every_command(tmp_path, capsys, command):
+    from detkit.cli import main
+
+    run, marker = _evil_checkpoint(tmp_path)
+    image = ROOT / "tests" / "fixtures" / "checkpoints" / "images" / "shapes-000000.jpg"
+    args = [a.format(run=run, image=image, tmp=tmp_path) for a in command]
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("detkit:")]
+    assert len(err) == 1 and "refused: the file holds Python objects" in err[0] and ".ckpt" in err[0], err
+    assert not marker.exists()
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_by_the_python_api(tmp_path):
+    import detkit
+    from detkit.engine.run import load_checkpoint
+    from detkit.errors import DetkitError
+    from detkit.inference import Predictor
+
+    run, marker = _evil_checkpoint(tmp_path)
+    ckpt = run / "checkpoints" / "best.ckpt"
+    for call in (lambda: detkit.load_model(run), lambda: detkit.load_model(ckpt), lambda: load_checkpoint(ckpt),
+                 lambda: Predictor.from_checkpoint(run), lambda: detkit.evaluate(run),
+                 lambda: detkit.build_backbone("resnet18", pretrained=str(ckpt))):
+        with pytest.raises(DetkitError, match="refused: the file holds Python objects"):
+            call()
+    assert not marker.exists()
