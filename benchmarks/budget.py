@@ -37,14 +37,17 @@ import yolo_vs_ultralytics as yvu  # noqa: E402  (the Ultralytics side and the d
 LITE0 = ROOT.parent / "shared" / "weights" / "tf_efficientnet_lite0.in1k.timm.pth"
 DATASETS = {"raccoon": "configs/{head}/raccoon.yaml", "coco128": "configs/{head}/coco128.yaml"}
 # row -> (head folder, overrides): every row at the same image size and budget
+LIGHT = ["train.depthwise_weight_decay=0.0"]  # the light backbones' recipe (docs/models.md#training-from-scratch)
 ROWS: dict[str, tuple[str, list[str]]] = {
     "yolo": ("yolo", []),
     "yolo_af": ("yolo_af", []),
-    "yolo_af_regnetx_400mf": ("yolo_af", ["model.backbone.name=regnet_x_400mf"]),
-    "yolo_af_mobilenet_v3_large": ("yolo_af", ["model.backbone.name=mobilenet_v3_large"]),
-    "yolo_af_efficientnet_b0": ("yolo_af", ["model.backbone.name=efficientnet_b0"]),
+    "yolo_af_regnetx_400mf": ("yolo_af", ["model.backbone.name=regnet_x_400mf", *LIGHT]),
+    "yolo_af_mobilenet_v3_large": ("yolo_af", ["model.backbone.name=mobilenet_v3_large",
+                                               "model.backbone.bn_momentum=0.1", *LIGHT]),
+    "yolo_af_efficientnet_b0": ("yolo_af", ["model.backbone.name=efficientnet_b0", "model.backbone.drop_path=0.0",
+                                            *LIGHT]),
     "lite0_imagenet": ("yolo_af", ["model.backbone.name=timm:tf_efficientnet_lite0",
-                                   f"model.backbone.pretrained={LITE0}"]),
+                                   f"model.backbone.pretrained={LITE0}", *LIGHT]),
 }
 
 
@@ -54,6 +57,7 @@ def detkit_row(args: argparse.Namespace, name: str, work: Path) -> dict[str, Any
     run = work / name
     shutil.rmtree(run, ignore_errors=True)
     cmd = [sys.executable, "-m", "detkit"]
+    overrides = [*overrides, *scaled_anchors(config, args.image_size)]
     train = [*cmd, "train", str(config), f"train.budget={args.budget}", f"data.image_size={args.image_size}",
              f"output_dir={run}", f"seed={args.seed}", "trainer.enable_progress_bar=false", *overrides,
              *args.detkit_override]
@@ -78,6 +82,19 @@ def detkit_row(args: argparse.Namespace, name: str, work: Path) -> dict[str, Any
             "AP75": metrics.get("bbox_AP75"), "epochs": round(epochs, 1), "steps": steps,
             "planned_steps": cfg.train.total_steps, "images_per_s": round(steps * cfg.data.batch_size / wall, 1),
             "wall_s": round(wall, 1), "run": str(run)}
+
+
+def scaled_anchors(config: Path, image_size: int) -> list[str]:
+    """The anchor-based head's anchors, fitted at the config's image size, scaled to ``image_size``."""
+    from detkit.config import load_config
+
+    cfg = load_config(config)
+    anchors = cfg.model.head.params.get("anchors") if cfg.model.head.name == "yolo" else None
+    if not anchors or int(cfg.data.image_size) == image_size:
+        return []
+    f = image_size / int(cfg.data.image_size)
+    scaled = [[[max(1, round(w * f)), max(1, round(h * f))] for w, h in level] for level in anchors]
+    return [f"model.head.params.anchors={json.dumps(scaled).replace(' ', '')}"]
 
 
 def _train_images(cfg) -> int:

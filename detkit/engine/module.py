@@ -74,6 +74,16 @@ class DetectionModule(L.LightningModule):
             raise DataError(f"model.head.name = {head} needs boxes, and {key} ({dataset.name}) holds semantic label "
                             f"maps only: use model.head.name=unet (or a detection dataset)")
 
+    def on_fit_start(self) -> None:
+        if self.cfg.train.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.cfg.train.channels_last and isinstance(batch, dict) and batch.get("images") is not None \
+                and batch["images"].ndim == 4:
+            batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
+        return batch
+
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self.trainer is not None else None
         if stage == "fit" and dm is not None and dm.dataset("train") is not None:
