@@ -55,17 +55,21 @@ def detkit_row(args: argparse.Namespace, name: str, work: Path) -> dict[str, Any
     head, overrides = ROWS[name]
     config = ROOT / DATASETS[args.dataset].format(head=head)
     run = work / name
-    shutil.rmtree(run, ignore_errors=True)
     cmd = [sys.executable, "-m", "detkit"]
     overrides = [*overrides, *scaled_anchors(config, args.image_size)]
-    train = [*cmd, "train", str(config), f"train.budget={args.budget}", f"data.image_size={args.image_size}",
-             f"output_dir={run}", f"seed={args.seed}", "trainer.enable_progress_bar=false", *overrides,
-             *args.detkit_override]
-    wall = yvu.run_logged(train, work / f"{name}.train.log", args.verbose)
     metrics_file = run / "eval_last" / "metrics.json"
-    yvu.run_logged([*cmd, "eval", str(run), "--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--out",
-                    str(metrics_file), "eval.backend=pycocotools", "eval.skip_unreadable=true"],
-                   work / f"{name}.eval.log", args.verbose)
+    if args.reuse and metrics_file.is_file() and (run / "checkpoints" / "last.ckpt").is_file():
+        wall = run_wall(run)  # a finished row of an earlier command: reported again, not retrained
+    else:
+        shutil.rmtree(run, ignore_errors=True)
+        train = [*cmd, "train", str(config), f"train.budget={args.budget}", f"data.image_size={args.image_size}",
+                 f"output_dir={run}", f"seed={args.seed}", "trainer.enable_progress_bar=false", *overrides,
+                 *args.detkit_override]
+        wall = yvu.run_logged(train, work / f"{name}.train.log", args.verbose)
+        (run / "wall_s.json").write_text(json.dumps({"wall_s": wall}))
+        yvu.run_logged([*cmd, "eval", str(run), "--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--out",
+                        str(metrics_file), "eval.backend=pycocotools", "eval.skip_unreadable=true"],
+                       work / f"{name}.eval.log", args.verbose)
     metrics = json.loads(metrics_file.read_text())
     import torch
 
@@ -82,6 +86,15 @@ def detkit_row(args: argparse.Namespace, name: str, work: Path) -> dict[str, Any
             "AP75": metrics.get("bbox_AP75"), "epochs": round(epochs, 1), "steps": steps,
             "planned_steps": cfg.train.total_steps, "images_per_s": round(steps * cfg.data.batch_size / wall, 1),
             "wall_s": round(wall, 1), "run": str(run)}
+
+
+def run_wall(run: Path) -> float:
+    """The training wall time of a finished run: recorded by this script, or (runs from before it recorded it)
+    from the first TensorBoard event file's creation time (in its name) to the last checkpoint."""
+    if (run / "wall_s.json").is_file():
+        return float(json.loads((run / "wall_s.json").read_text())["wall_s"])
+    first = min(int(p.name.split(".")[3]) for p in (run / "tensorboard").glob("events.out.tfevents.*"))
+    return (run / "checkpoints" / "last.ckpt").stat().st_mtime - first
 
 
 def scaled_anchors(config: Path, image_size: int) -> list[str]:
@@ -146,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ultralytics-python", default=str(yvu.DEFAULT_ULTRA_PYTHON))
     p.add_argument("--work", default=str(ROOT / "runs" / "bench" / "budget"))
     p.add_argument("--out", default=None)
+    p.add_argument("--reuse", action="store_true",
+                   help="report rows whose run already finished (and was evaluated) instead of retraining them")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     work = Path(args.work) / args.dataset

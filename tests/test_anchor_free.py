@@ -135,3 +135,47 @@ def test_the_loss_falls_on_shapes_and_detections_keep_the_contract(shapes_dir):
 def test_bad_params_are_one_line(override, message):
     with pytest.raises(ConfigError, match=message):
         build_model(load_config(CONFIG, [override]))
+
+
+@pytest.mark.parametrize("config", ["yolo_af/shapes.yaml", "yolo_af/raccoon.yaml", "yolo_af/coco128.yaml",
+                                    "yolo/raccoon.yaml", "yolo/coco128.yaml"])
+def test_shipped_recipes_train_in_channels_last_with_the_same_losses(config, shapes_dir, tmp_path):
+    """The shipped one-stage recipes (train.channels_last on) train through the engine on the shapes set: the
+    weights stay channels-last during training, each batch arrives channels-last, the losses equal those of the
+    default memory layout, and the checkpoint loads into a plain model."""
+    import lightning as L
+
+    import detkit
+    from conftest import tiny_detector_overrides
+
+    overrides = [o for o in tiny_detector_overrides(shapes_dir, tmp_path / "run") if not o.startswith("model.")]
+    overrides += ["data.train.format=coco", "data.val.format=coco", "data.train.split=null", "data.val.split=null",
+                  "data.train.classes=null", "data.val.classes=null", "model.num_classes=4",
+                  "model.neck.out_channels=16", "train.epochs=1", "trainer.max_steps=2", "trainer.limit_val_batches=1",
+                  "train.budget=null"]
+    cfg = load_config(ROOT / "configs" / config, overrides)
+    assert cfg.train.channels_last is True
+    seen = []
+
+    class Check(L.Callback):
+        def on_train_start(self, trainer, module):
+            losses = module.model.losses
+
+            def spy(batch):  # what the model is given: channels-last images, channels-last weights
+                conv = next(m for m in module.model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+                seen.append((batch["images"].is_contiguous(memory_format=torch.channels_last),
+                             conv.weight.is_contiguous(memory_format=torch.channels_last)))
+                if len(seen) == 1:  # the same losses in the default layout
+                    with torch.no_grad():
+                        a = losses(batch)
+                        b = losses(dict(batch, images=batch["images"].contiguous()))
+                    for k in a:
+                        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)
+                return losses(batch)
+
+            module.model.losses = spy
+
+    run = detkit.train(cfg, callbacks=[Check()])
+    assert seen and all(images and weights for images, weights in seen)
+    model = detkit.load_model(run / "checkpoints" / "last.ckpt")
+    assert all(torch.isfinite(p).all() for p in model.parameters())

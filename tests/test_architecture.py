@@ -100,7 +100,8 @@ def test_every_registered_head_builds_and_keeps_the_contract():
 
     overrides = {"unet": ["model.num_classes=3", "model.neck.name=none", "eval.metrics=[semantic]",
                           "eval.main_metric=mIoU"],
-                 "ssd": ["model.neck.name=none", "model.backbone.out_levels=[c4,c5]"]}
+                 "ssd": ["model.neck.name=none", "model.backbone.out_levels=[c4,c5]"],
+                 "fcos": ["model.head.params.head_norm=none"]}  # GroupNorm(32) needs 64+ channels
     for name in HEADS.names():
         cfg = load_config(None, ["model.backbone.name=resnet18", "data.image_size=64", "model.neck.out_channels=16",
                                  f"model.head.name={name}", *overrides.get(name, [])])

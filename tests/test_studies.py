@@ -327,3 +327,32 @@ def test_transfer_cli_prints_the_report(shapes_dir, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "efficientnet@phi=0" in printed and "runs 1/1" in printed and str(out / "report.md") in printed
+
+
+def test_lineage_networks_have_one_line_each_and_expand_in_order():
+    from detkit.analysis.lineage import LINEAGE, expand, ideas_table
+
+    assert expand(["resnet18", "lineage"])[0] == "resnet18" and len(expand(["lineage"])) == len(LINEAGE)
+    assert [n.year for n in LINEAGE] == sorted(n.year for n in LINEAGE)
+    for n in LINEAGE:
+        with torch.device("meta"):
+            build_backbone(n.backbone)  # every network of the lineage is a backbone
+        assert n.idea and "\n" not in n.idea and "|" not in n.idea
+    table = ideas_table(["tv:alexnet", "resnet18", "not-a-lineage-net"])
+    assert table.count("\n") == 4 and table.index("AlexNet") < table.index("ResNet-18")
+
+
+def test_transfer_over_lineage_networks_writes_years_ideas_and_the_four_plots(shapes_dir, tmp_path, capsys):
+    out = tmp_path / "lineage"
+    code = main(["transfer", str(YOLO_SHAPES), "--backbones", "tv:alexnet,resnet18,tv:shufflenet_v2_x1_0",
+                 "--out", str(out), "--no-latency", *tiny_task(shapes_dir), "model.backbone.out_levels=[c3,c4,c5]"])
+    assert code == 0
+    report = (out / "report.md").read_text()
+    header = next(line for line in report.splitlines() if "backbone" in line)
+    assert header.index("network") < header.index("year") < header.index("backbone") and "AlexNet" in report
+    lineage = (out / "lineage.md").read_text()
+    order = [lineage.index(n) for n in ("| 2012 | AlexNet", "| 2015 | ResNet-18", "| 2018 | ShuffleNetV2")]
+    assert order == sorted(order)
+    assert "identity shortcuts" in lineage and "channel split and shuffle" in lineage
+    for plot in ("metric_vs_year", "metric_vs_flops", "metric_vs_params", "metric_vs_activations"):
+        assert (out / f"{plot}.png").stat().st_size > 1000, plot

@@ -29,10 +29,10 @@ def plot_metric_vs(rows: Sequence[dict[str, Any]], key: str, xlabel: str, metric
         color = colors.setdefault(r["backbone"], f"C{len(colors) % 10}")
         ax.errorbar(r[key], r["mean"], yerr=r["std"], fmt=MARKERS.get(r["pretrained"], "^"), color=color,
                     capsize=3, markersize=7)
-        label = r["backbone"] + ("" if r["pretrained"] == "scratch" else " (pretrained)")
+        label = r.get("label", r["backbone"]) + ("" if r["pretrained"] == "scratch" else " (pretrained)")
         ax.annotate(label, (r[key], r["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     values = [r[key] for r in rows]
-    if min(values) > 0 and max(values) / min(values) > 5:
+    if key != "year" and min(values) > 0 and max(values) / min(values) > 5:
         ax.set_xscale("log")
     ax.set(xlabel=xlabel, ylabel=f"{metric} (mean +- std over seeds)", title=f"{metric} vs {xlabel.split(' (')[0]}")
     ax.grid(alpha=0.3)

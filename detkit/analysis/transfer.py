@@ -4,7 +4,9 @@ become one report: ``report.csv`` / ``report.md`` (per backbone and pretrained s
 and of the whole model, training time, inference latency, the main metric as mean +- std over seeds),
 ``trials.csv`` (every run) and ``metric_vs_{flops,latency,params}.png``.
 
-Backbones are registry names (``resnet18``, ``regnet_x_400mf``, ...), ``timm:<model>``, or ``efficientnet@phi=P``:
+Backbones are registry names (``resnet18``, ``regnet_x_400mf``, ...), ``tv:<model>``, ``timm:<model>``, ``lineage``
+(every network of :data:`detkit.analysis.lineage.LINEAGE`, AlexNet to ConvNeXt: the report then also has each
+one's year and design idea, ``lineage.md`` and ``metric_vs_year.png``), or ``efficientnet@phi=P``:
 EfficientNet compound-scaled by ``phi`` (depth alpha^phi, width beta^phi) with the task's input resolution scaled
 by gamma^phi (to a multiple of 32), so phi = 0, 0.5, 1 ... can be compared on the task.
 
@@ -27,6 +29,7 @@ from typing import Any
 
 import torch
 
+from detkit.analysis.lineage import network_of
 from detkit.analysis.study import (
     Trial,
     check_settings,
@@ -131,8 +134,10 @@ def run_transfer(task: str | Path, backbones: Sequence[str], *, pretrained: Sequ
                  seeds: Sequence[int] = (0,), out: str | Path, overrides: Sequence[str] = (),
                  retry_failed: bool = False, latency: bool = True, remeasure: bool = False) -> list[dict[str, Any]]:
     """Run the study (skipping finished trials) and write the report; returns its rows."""
+    from detkit.analysis.lineage import expand
+
     out = Path(out)
-    found = variants(task, overrides, backbones, pretrained)
+    found = variants(task, overrides, expand(list(backbones)), pretrained)
     seeds = [int(s) for s in seeds] or [0]
     if len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ConfigError(f"--seeds {','.join(map(str, seeds))}: seeds must be distinct and >= 0")
@@ -166,6 +171,9 @@ def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         done = [r for r in runs if r.get("status") == "done"]
         row: dict[str, Any] = {"backbone": backbone, "pretrained": pretrained, "runs": f"{len(done)}/{len(runs)}",
                                "seeds": " ".join(str(r["seed"]) for r in done)}
+        network = network_of(backbone)
+        if network is not None:
+            row.update(network=network.name, year=network.year, label=network.name)
         if done:
             first = done[0]
             row["input"] = "x".join(str(v) for v in first.get("input_size", []))
@@ -192,7 +200,8 @@ def write_report(results: Sequence[dict[str, Any]], out: Path) -> list[dict[str,
     write_table(results, trial_cols, out / "trials", {"value": lambda v: f"{v:.4f}", "model_flops": human,
                                                        "model_params": human})
     has_failures = any("failed" in r for r in rows)
-    columns = COLUMNS + ["seeds"] + (["failed"] if has_failures else [])
+    lineage = any("year" in r for r in rows)
+    columns = (["network", "year"] if lineage else []) + COLUMNS + ["seeds"] + (["failed"] if has_failures else [])
     fmt = {c: human for c in COLUMNS[4:10]}
     fmt.update(mean=lambda v: f"{v:.4f}", std=lambda v: f"{v:.4f}")
     write_table(rows, columns, out / "report", fmt)
@@ -201,10 +210,32 @@ def write_report(results: Sequence[dict[str, Any]], out: Path) -> list[dict[str,
         metric = plotted[0]["metric"]
         for key, label, path in (("model_flops", "model FLOPs (multiply-adds, one image)", "metric_vs_flops.png"),
                                  ("latency_ms", "latency, batch 1 (ms)", "metric_vs_latency.png"),
-                                 ("model_params", "model parameters", "metric_vs_params.png")):
-            if all(r.get(key) for r in plotted):
-                plot_metric_vs(plotted, key, label, metric, out / path)
+                                 ("model_params", "model parameters", "metric_vs_params.png"),
+                                 ("model_activations", "model activations (conv outputs, one image)",
+                                  "metric_vs_activations.png"),
+                                 ("year", "year of publication", "metric_vs_year.png")):
+            having = [r for r in plotted if r.get(key)]  # the year: the lineage networks among the backbones
+            if having and (key == "year" or len(having) == len(plotted)):
+                plot_metric_vs(having, key, label, metric, out / path)
+    if lineage:
+        write_lineage(rows, out / "lineage.md")
     return rows
+
+
+def write_lineage(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """``lineage.md``: the networks oldest first with the idea each introduced and how it did on the task."""
+    from detkit.analysis.lineage import ideas_table
+
+    ordered = sorted((r for r in rows if "year" in r), key=lambda r: (r["year"], r["backbone"], r["pretrained"]))
+    metric = next((r["metric"] for r in ordered if r.get("metric")), "metric")
+    lines = ["# The CNN lineage on this task", "", f"| year | network | pretrained | {metric} | model FLOPs | "
+             "model params | model activations | train s |", "|---|---|---|---|---|---|---|---|"]
+    for r in ordered:
+        score = f"{r['mean']:.4f} +- {r['std']:.4f}" if r.get("mean") is not None else "failed"
+        lines.append(f"| {r['year']} | {r['network']} | {r['pretrained']} | {score} | {human(r.get('model_flops'))} | "
+                     f"{human(r.get('model_params'))} | {human(r.get('model_activations'))} | {r.get('train_s', '')} |")
+    lines += ["", "## The idea each network introduced", "", ideas_table([r["backbone"] for r in ordered])]
+    path.write_text("\n".join(lines))
 
 
 def format_report(rows: Sequence[dict[str, Any]], out: Path) -> str:

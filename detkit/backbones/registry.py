@@ -23,6 +23,8 @@ from detkit.config.schema import BackboneConfig
 from detkit.errors import ConfigError, PretrainedError
 from detkit.utils.registry import Registry
 
+TV_PREFIX = "tv:"  # any torchvision classification CNN (detkit.backbones.torchvision_any)
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -53,6 +55,7 @@ class BackboneContract(Protocol):
 BACKBONES: Registry = Registry("backbone", "model.backbone.name", contract=BackboneContract,
                                hint="see `detkit backbones`")
 BACKBONES.register_prefix(TIMM_PREFIX, "detkit.backbones.timm_backbone:build_timm_backbone")
+BACKBONES.register_prefix("tv:", "detkit.backbones.torchvision_any:build_torchvision_backbone")
 
 
 def register(spec: BackboneSpec) -> BackboneSpec:
@@ -64,8 +67,8 @@ def list_backbones(presets_only: bool = True) -> list[str]:
 
 
 def get_spec(name: str) -> BackboneSpec:
-    if name.startswith(TIMM_PREFIX):
-        raise ConfigError(f"model.backbone.name = {name!r}: timm backbones have no spec")
+    if name.startswith((TIMM_PREFIX, TV_PREFIX)):
+        raise ConfigError(f"model.backbone.name = {name!r}: {name.split(':')[0]} backbones have no spec")
     return BACKBONES.get(name)
 
 
@@ -92,7 +95,10 @@ def build_backbone(cfg: BackboneConfig | DictConfig | Mapping | str | None = Non
     Keyword arguments override config keys: ``build_backbone("resnet50", out_levels=["c3", "c4", "c5"])``.
     """
     cfg = _as_config(cfg, overrides)
-    if cfg.name.startswith(TIMM_PREFIX):
+    if cfg.name.startswith((TIMM_PREFIX, TV_PREFIX)):  # prefix families: timm:<model>, tv:<model>
+        if cfg.drop_path is not None and cfg.name.startswith(TV_PREFIX):
+            raise ConfigError(f"model.backbone.drop_path: {cfg.name}: pass the model's own argument in "
+                              f"model.backbone.kwargs (e.g. stochastic_depth_prob for ConvNeXt)")
         return BACKBONES.check(cfg.name, set_bn_momentum(BACKBONES.get(cfg.name)(cfg), cfg.bn_momentum))
     spec = get_spec(cfg.name)
     if cfg.drop_path is not None and spec.family != "efficientnet":
@@ -168,6 +174,10 @@ def build_classifier(cfg: BackboneConfig | DictConfig | Mapping | str | None = N
 
         return timm.create_model(cfg.name[len(TIMM_PREFIX):], pretrained=False, num_classes=num_classes,
                                  **cfg.kwargs)
+    if cfg.name.startswith(TV_PREFIX):
+        from detkit.backbones.torchvision_any import build_network
+
+        return build_network(cfg.name[len(TV_PREFIX):], num_classes, dict(cfg.kwargs))
     return _build_network(get_spec(cfg.name), cfg, num_classes)
 
 
@@ -188,4 +198,6 @@ def imagenet_resolution(cfg: BackboneConfig | DictConfig | Mapping | str | None 
         from detkit.backbones.timm_backbone import timm_resolution
 
         return timm_resolution(cfg.name[len(TIMM_PREFIX):])
+    if cfg.name.startswith(TV_PREFIX):
+        return 299 if cfg.name == "tv:inception_v3" else 224
     return get_spec(cfg.name).resolution(cfg)

@@ -128,6 +128,14 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A finite number above 0 (seconds, ...)."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not above 0")
+    return value
+
+
 def unit_float(text: str) -> float:
     """A number in [0, 1] (a score or IoU threshold)."""
     value = finite_float(text)
@@ -142,3 +150,8 @@ def seed_int(text: str) -> int:
     if value > 2**32 - 1:
         raise argparse.ArgumentTypeError(f"{value} is above 2**32 - 1")
     return value
+
+
+def threshold_or_best(text: str) -> float | str:
+    """A score threshold in [0, 1], or ``best`` (each class's threshold of peak F1, from ``detkit eval``)."""
+    return "best" if text.strip().lower() == "best" else unit_float(text)

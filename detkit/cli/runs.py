@@ -6,7 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from detkit.cli.args import is_main_process, positive_int, split_config_and_overrides, unit_float
+from detkit.cli.args import (
+    is_main_process,
+    positive_float,
+    positive_int,
+    split_config_and_overrides,
+    threshold_or_best,
+    unit_float,
+)
 from detkit.errors import DetkitError
 
 
@@ -30,6 +37,8 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from detkit.evaluation import format_table
 
+    if args.compare:
+        return _compare(args)
     if args.predictions:
         if args.target:  # no RUN_DIR/CONFIG with --predictions: a key=value there is an override
             if "=" not in args.target:
@@ -42,15 +51,35 @@ def _eval(args: argparse.Namespace) -> int:
 
         if not args.target:
             raise DetkitError("give a RUN_DIR or CONFIG (or --predictions with --ground-truth)")
-        metrics, run = evaluate(args.target, args.checkpoint, args.overrides, split=args.split, out=args.out)
+        metrics, run = evaluate(args.target, args.checkpoint, args.overrides, split=args.split, out=args.out,
+                                tta=args.tta)
         if not is_main_process():
             return 0
-        files = evaluation_outputs(run, args.split, args.out)
+        files = evaluation_outputs(run, args.split, args.out, args.tta)
         out = files["metrics"]
         plots = files["confusion_matrix"] if "mIoU" in metrics else files["pr_curves"]
         print(f"{'confusion matrix' if 'mIoU' in metrics else 'PR curves'}: {plots}")
     print(format_table(metrics))
     print(f"metrics: {out}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from detkit.config import load_config
+    from detkit.data.build import build_dataset
+    from detkit.evaluation import dataset_to_coco
+    from detkit.evaluation.compare import compare_runs
+
+    run_a, run_b = (Path(r) for r in args.compare)
+    if not (run_a / "config.yaml").is_file():
+        raise DetkitError(f"--compare {run_a}: not a run directory (no config.yaml)")
+    cfg = load_config(run_a / "config.yaml", args.overrides)
+    dataset = build_dataset(cfg.data.val, transform=None, with_masks=False, key="data.val",
+                            max_pixels=cfg.data.max_image_pixels)
+    out = Path(args.out or Path("runs") / "compare" / f"{run_a.name}_vs_{run_b.name}")
+    result = compare_runs(run_a, run_b, out, dataset_to_coco(dataset), dataset.cat_to_label())
+    print((out / "compare.md").read_text())
+    print(f"comparison: {result['out']} (compare.md, per_class_ap.png, pr_overall.png)")
     return 0
 
 
@@ -85,18 +114,54 @@ def _eval_predictions(args: argparse.Namespace):
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from detkit.inference import Predictor, expand_inputs
-    from detkit.inference.run import format_summary, predict_files
+    import sys
 
+    from detkit.inference import Predictor, expand_inputs
+    from detkit.inference.run import format_summary, format_video_summary, predict_files, predict_video
+    from detkit.inference.video import is_video_source
+
+    videos = [i for i in args.inputs if is_video_source(i)]
+    images = [i for i in args.inputs if i not in videos]
     found: list[Path] = []  # every image under the inputs: none of them is ever overwritten
-    files = expand_inputs(args.inputs, exclude=args.out, found_all=found)  # not what an earlier run wrote into out
-    if not files:
+    files = expand_inputs(images, exclude=args.out, found_all=found) if images else []
+    if not files and not videos:
         raise DetkitError(f"no images found in {' '.join(args.inputs)}")
+    threshold = best_thresholds(args.checkpoint) if args.score_threshold == "best" else args.score_threshold
+    tiles = None
+    if args.tile is not None:
+        tiles = {"size": args.tile, "overlap": args.overlap, "full_image": not args.no_full_image,
+                 "merge": args.tile_merge, "match": args.tile_match if args.tile_merge == "nms" else "iou"}
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
-                                          score_threshold=args.score_threshold, classes=args.classes,
-                                          fast=not args.no_fast, compile=args.compile)
-    print(format_summary(predict_files(predictor, files, args.out, protect=found)))
-    return 0
+                                          score_threshold=threshold, classes=args.classes,
+                                          fast=not args.no_fast, compile=args.compile, tta=args.tta or None,
+                                          tiles=tiles)
+    if files:
+        print(format_summary(predict_files(predictor, files, args.out, protect=found)))
+    stopped = []
+    for source in videos:
+        summary = predict_video(predictor, source, args.out, vid_stride=args.vid_stride, max_frames=args.max_frames,
+                                stall_timeout=args.stall_timeout, protect=found)
+        print(format_video_summary(summary))
+        if summary["stopped"]:
+            stopped.append(summary["stopped"])
+    for line in stopped:
+        print(f"detkit: {line}", file=sys.stderr)
+    return 1 if stopped else 0
+
+
+def best_thresholds(target: str) -> dict[str, float | None]:
+    """``--score-threshold best``: the per-class thresholds of peak F1 that ``detkit eval`` wrote into the run's
+    ``metrics.json``."""
+    from detkit.models import resolve_checkpoint, run_dir_of
+
+    path = Path(target)
+    run = path if path.is_dir() else run_dir_of(resolve_checkpoint(path))
+    metrics = run / "metrics.json" if run is not None else None
+    found = json.loads(metrics.read_text()).get("best_score_threshold") if metrics and metrics.is_file() else None
+    if not found:
+        raise DetkitError(f"--score-threshold best: {metrics or target} has no best_score_threshold; run "
+                          f"`detkit eval {run or target}` first")
+    return found
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -130,17 +195,24 @@ def add_parsers(sub) -> None:
     ev.add_argument("--ground-truth", default=None, metavar="GT.json|CONFIG",
                     help="with --predictions: a COCO instances file or a config's dataset (--split)")
     ev.add_argument("--metric", default="all", choices=("coco", "voc07", "voc12", "all"))
+    ev.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), default=None,
+                    help="two evaluated runs side by side (metrics, per-class AP, PR curves) into --out (a folder)")
     ev.add_argument("--out", default=None, metavar="FILE.json",
                     help="write the metrics here (predictions and plots beside it); default: the run directory, "
                          "under names that carry the split (metrics_test.json, ...), or for --predictions "
                          "PRED_metrics.json beside them")
+    ev.add_argument("--tta", action="store_true",
+                    help="test-time augmentation: merge flipped and scaled passes (eval.tta); writes metrics_tta.json")
     ev.set_defaults(func=_eval)
 
     pr = sub.add_parser("predict", help="run a trained model over images, folders or globs")
     pr.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT")
-    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT",
+                    help="image files, folders (recursive) or globs; video files, stream URLs (rtsp://...) or a "
+                         "camera index (0)")
     pr.add_argument("--out", default="runs/predict", help="folder for drawn images and predictions.json")
-    pr.add_argument("--score-threshold", type=unit_float, default=0.3, help="in [0, 1] (default 0.3)")
+    pr.add_argument("--score-threshold", type=threshold_or_best, default=0.3,
+                    help="in [0, 1] (default 0.3), or best: each class's threshold of peak F1 (from detkit eval)")
     pr.add_argument("--batch-size", type=positive_int, default=4)
     pr.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     pr.add_argument("--classes", default=None, metavar="A,B",
@@ -148,6 +220,21 @@ def add_parsers(sub) -> None:
     pr.add_argument("--no-fast", action="store_true",
                     help="run the model as trained (default: BatchNorm folded into convs, channels_last)")
     pr.add_argument("--compile", action="store_true", help="also torch.compile the backbone and neck")
+    pr.add_argument("--tta", action="store_true",
+                    help="test-time augmentation: merge flipped and scaled passes (the run's eval.tta)")
+    pr.add_argument("--tile", type=positive_int, default=None, metavar="SIZE",
+                    help="cut each image into SIZE x SIZE tiles (e.g. the model's data.image_size) and merge them")
+    pr.add_argument("--overlap", type=unit_float, default=0.2, help="with --tile: the tiles' overlap (default 0.2)")
+    pr.add_argument("--tile-merge", default="nms", choices=("nms", "wbf"),
+                    help="with --tile: merge the tiles' detections by NMS (default) or weighted box fusion")
+    pr.add_argument("--tile-match", default="ios", choices=("ios", "iou"),
+                    help="with --tile-merge nms: compare boxes by intersection over the smaller (default) or IoU")
+    pr.add_argument("--no-full-image", action="store_true",
+                    help="with --tile: tiles only (default: also one pass over the whole image)")
+    pr.add_argument("--vid-stride", type=positive_int, default=1, help="videos: every N-th frame (default 1)")
+    pr.add_argument("--max-frames", type=positive_int, default=None, help="videos: at most N frames predicted")
+    pr.add_argument("--stall-timeout", type=positive_float, default=10.0,
+                    help="streams: seconds without a frame before giving up, results kept (default 10)")
     pr.set_defaults(func=_predict)
 
     ex = sub.add_parser("export", help="export a trained model to ONNX or TorchScript")

@@ -54,7 +54,8 @@ def add_parsers(sub) -> None:
     tf.add_argument("config", metavar="CONFIG", help="the task: any detector or segmenter config")
     tf.add_argument("overrides", nargs="*", help="key=value overrides applied to every run (e.g. train.epochs=5)")
     tf.add_argument("--backbones", required=True, metavar="A,B,...",
-                    help="registry names, timm:<model>, or efficientnet@phi=P (resolution scaled by gamma^phi)")
+                    help="registry names, tv:<model>, timm:<model>, efficientnet@phi=P (resolution scaled by "
+                         "gamma^phi), or lineage (AlexNet to ConvNeXt, with years and design ideas)")
     tf.add_argument("--pretrained", default=None, metavar="W,...",
                     help="settings per backbone: none (from scratch), a weights name/file for all, or "
                          "BACKBONE=WEIGHTS for one (default: all from scratch)")

@@ -109,6 +109,10 @@ class HeadConfig:
 @dataclass
 class ModelConfig:
     num_classes: int = ranged(1, ge=1)
+    # a trained detector to start from: a detkit run or checkpoint, torchvision detection weights (a file, or their
+    # name when online); class layers keep the rows of the classes the source knows (detkit/models/weights.py)
+    weights: str | None = None
+    weights_classes: dict[str, Any] = field(default_factory=dict)  # this model's class -> the source's (name or id)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     neck: NeckConfig = field(default_factory=NeckConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -203,6 +207,14 @@ class EvalConfig:
     main_metric: str = "bbox_AP"
     # unreadable validation images: an error (false), or scored without them and counted in metrics.json (true)
     skip_unreadable: bool = False
+    # detkit eval of a detector also writes the error analysis (detkit/evaluation/analysis.py): a confusion matrix
+    # with background at this IoU and score, F1 against the score threshold, the AP lost to each kind of error
+    analysis: bool = True
+    confusion_iou: float = ranged(0.5, gt=0, le=1)
+    confusion_score: float = ranged(0.25, ge=0, le=1)
+    # test-time augmentation (detkit eval --tta, predict --tta): detkit.inference.tta.TTA's arguments, e.g.
+    # {scales: [1.0, 0.83, 1.17], hflip: true, merge: wbf, iou: 0.55}; unset keys take TTA's defaults
+    tta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -241,6 +253,20 @@ class TrainerConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """``loggers``: any of tensorboard, csv, mlflow, wandb (Lightning's); ``logging.<name>``: that logger's own
+    arguments (``logging.mlflow.tracking_uri``, ``logging.wandb.offline``, ...); see detkit/engine/loggers.py."""
+
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard", "csv"])
+    run_name: str | None = None  # default: the config's name
+    tags: Any = field(default_factory=list)  # a list of tags, or a mapping of tag -> value
+    tensorboard: dict[str, Any] = field(default_factory=dict)
+    csv: dict[str, Any] = field(default_factory=dict)
+    mlflow: dict[str, Any] = field(default_factory=dict)
+    wandb: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     name: str = "detkit"
     seed: int = ranged(42, ge=0, le=2**32 - 1)
@@ -250,3 +276,4 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

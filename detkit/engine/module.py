@@ -46,6 +46,7 @@ class DetectionModule(L.LightningModule):
         self.metrics: dict[str, Any] = {}
         self.validated_step = -1  # the global step of the last full validation
         self.skipped = 0
+        self.predict_fn = None  # validation predictions other than model.predict (detkit eval --tta)
 
     @property
     def task(self) -> str:
@@ -78,9 +79,9 @@ class DetectionModule(L.LightningModule):
         if self.cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.cfg.train.channels_last and isinstance(batch, dict) and batch.get("images") is not None \
-                and batch["images"].ndim == 4:
+    def layout(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch's images in the model's memory format (``train.channels_last``)."""
+        if self.cfg.train.channels_last and batch.get("images") is not None and batch["images"].ndim == 4:
             batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
         return batch
 
@@ -107,7 +108,7 @@ class DetectionModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self._count_skipped(batch)
-        losses = self.model.losses(batch)
+        losses = self.model.losses(self.layout(batch))
         loss = sum(losses.values())
         self.check_finite(loss, losses)
         n = len(batch["targets"])
@@ -151,7 +152,7 @@ class DetectionModule(L.LightningModule):
         self.val_unreadable.extend(batch.get("skipped") or [])
         if not batch["targets"]:
             return
-        predictions = self.model.predict(batch)
+        predictions = (self.predict_fn or self.model.predict)(self.layout(batch))
         if self.evaluator is not None:
             self.evaluator.add_batch(predictions, batch["targets"])
 

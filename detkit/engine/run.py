@@ -26,6 +26,7 @@ from detkit.config import load_config
 from detkit.data.shapes import ensure_shapes
 from detkit.engine.budget import BudgetProgress, apply_budget, steps_per_epoch, time_left
 from detkit.engine.callbacks import ConfigWriter, Interrupted, LastCheckpoint
+from detkit.engine.loggers import build_loggers, log_run
 from detkit.errors import ConfigError, TrainingError
 from detkit.evaluation.metrics import check_eval_config
 from detkit.heads.registry import head_traits
@@ -65,20 +66,9 @@ def build_datamodule(cfg: DictConfig):
     return DetDataModule(cfg, with_masks=with_masks)
 
 
-def _csv_version(out: Path) -> str:
-    """A fresh CSV log folder per (re)start: Lightning's CSVLogger would overwrite an existing one."""
-    if not (out / "csv" / "metrics.csv").exists():
-        return ""
-    n = 1
-    while (out / "csv" / f"restart-{n}").exists():
-        n += 1
-    return f"restart-{n}"
-
-
 def build_trainer(cfg: DictConfig, out: Path, *, fit: bool = True, callbacks: list | None = None,
                   max_time: float | None = None) -> L.Trainer:
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from detkit.engine.callbacks import AtomicCheckpointIO, MetricsWriter
 
@@ -110,8 +100,7 @@ def build_trainer(cfg: DictConfig, out: Path, *, fit: bool = True, callbacks: li
             raise ConfigError("train.early_stopping_patience needs a validation set (data.val)")
         cbs.append(EarlyStopping(monitor=main, mode="max", patience=int(cfg.train.early_stopping_patience)))
     cbs += list(callbacks or [])
-    loggers = [TensorBoardLogger(str(out), name="tensorboard", version=""),
-               CSVLogger(str(out), name="csv", version=_csv_version(out))]
+    loggers = build_loggers(cfg, out)
     max_epochs = int(cfg.train.epochs)
     if cfg.train.total_steps:  # a run of so many steps (a budget's plan): the epochs follow from them
         max_epochs = -1
@@ -172,6 +161,8 @@ def train(cfg: DictConfig | str | Path | None, overrides: list[str] | tuple[str,
         train_set = dm.dataset("train")
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # the same initial weights, planned or not
         module = DetectionModule(cfg, classes=dm.classes, cat_ids=list(train_set.cat_ids) if train_set else None)
+        if cfg.model.weights and ckpt is None:  # a trained detector to start from (not when resuming)
+            start_from_weights(module, cfg, out)
         dm.no_mosaic_from = no_mosaic_epoch(cfg, dm)
         writer = ConfigWriter(out, cfg, resumed_from=ckpt)
         extra = [writer, *(callbacks or [])]
@@ -191,11 +182,23 @@ def train(cfg: DictConfig | str | Path | None, overrides: list[str] | tuple[str,
                               f"continue with: detkit train --resume {out}", last.stopped_by)
         if module.evaluator is not None and module.validated_step != trainer.global_step and not trainer.interrupted:
             final_validation(trainer, module, dm, out)
+        if trainer.is_global_zero:
+            log_run(trainer.loggers, cfg, module.metrics, trainer.global_step)
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
     if module.skipped:
         log.warning("%d images could not be read and were skipped (see the warnings above)", module.skipped)
     return out
+
+
+def start_from_weights(module, cfg: DictConfig, out: Path) -> None:
+    """``model.weights`` into the module's model, with ``weights_report.json`` in the run directory."""
+    from detkit.models.weights import load_weights
+
+    classes = list(module.classes) or [str(i) for i in range(1, int(cfg.model.num_classes) + 1)]
+    report = load_weights(module.model, str(cfg.model.weights), classes, dict(cfg.model.weights_classes or {}))
+    if module.global_rank == 0:
+        write_json(report.as_dict(), out / "weights_report.json")
 
 
 def plan_budget(cfg: DictConfig, dm, started: float, ckpt: Path | None) -> dict[str, Any] | None:
@@ -262,29 +265,50 @@ def load_checkpoint(path: str | Path, cfg: DictConfig | None = None, map_locatio
     return module
 
 
-def evaluation_outputs(run: Path, split: str, out: str | Path | None = None) -> dict[str, Path]:
+def analyse(evaluator, classes: list[str], eval_cfg: Any, folder: Path) -> dict[str, Any]:
+    """The error analysis of a detector's validation (:mod:`detkit.evaluation.analysis`): the confusion matrix with
+    background (CSV, PNG) and the F1 curves (PNG) in ``folder``; the best score threshold per class and the AP lost
+    to each kind of error, returned for ``metrics.json``."""
+    from detkit.evaluation import analysis as A
+
+    gt, results = evaluator.gt, evaluator.results()
+    names = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])] or classes
+    cm = A.confusion_matrix(gt, results, len(names), eval_cfg.confusion_iou, eval_cfg.confusion_score)
+    A.write_confusion(cm, names, folder, eval_cfg.confusion_iou, eval_cfg.confusion_score)
+    curves = A.threshold_curves(gt, results, names)
+    A.write_threshold_plot(curves, folder / "f1_vs_threshold.png")
+    return {"best_score_threshold": {n: c["best_threshold"] for n, c in curves.items()},
+            "best_f1": {n: c["best_f1"] for n, c in curves.items()},
+            "errors": A.error_breakdown(gt, results, len(names))}
+
+
+def evaluation_outputs(run: Path, split: str, out: str | Path | None = None, tta: bool = False) -> dict[str, Path]:
     """Where an evaluation writes: ``metrics``, ``predictions`` (COCO results), ``pr_curves`` (a folder) and
     ``confusion_matrix`` (a PNG). The validation split goes to the run's own names; another split to names that
     carry it (``metrics_test.json``, ...), so a run's validation results are never replaced; ``out`` (a metrics
-    file) puts everything beside it instead (``<stem>_predictions.json``, ...)."""
+    file) puts everything beside it instead (``<stem>_predictions.json``, ...). With test-time augmentation the
+    names end in ``_tta`` (``metrics_tta.json``): the plain evaluation's files stay."""
     if out is not None:
         out = Path(out)
         base, tag = out.parent, out.stem
         return {"metrics": out, "predictions": base / f"{tag}_predictions.json", "pr_curves": base / f"{tag}_pr_curves",
-                "confusion_matrix": base / f"{tag}_confusion_matrix.png"}
-    suffix = "" if split == "val" else f"_{split}"
+                "confusion_matrix": base / f"{tag}_confusion_matrix.png", "analysis": base / f"{tag}_analysis"}
+    suffix = ("" if split == "val" else f"_{split}") + ("_tta" if tta else "")
     return {"metrics": run / f"metrics{suffix}.json", "predictions": run / f"predictions{suffix}.json",
-            "pr_curves": run / f"pr_curves{suffix}", "confusion_matrix": run / f"confusion_matrix{suffix}.png"}
+            "pr_curves": run / f"pr_curves{suffix}", "confusion_matrix": run / f"confusion_matrix{suffix}.png",
+            "analysis": run / f"analysis{suffix}"}
 
 
 def evaluate(target: str | Path, checkpoint: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-             split: str = "val", plots: bool = True, out: str | Path | None = None) -> tuple[dict[str, Any], Path]:
+             split: str = "val", plots: bool = True, out: str | Path | None = None,
+             tta: bool = False) -> tuple[dict[str, Any], Path]:
     """Validate a run directory (its best checkpoint) or a config + ``checkpoint``; returns (metrics, the run
     directory; the files written are :func:`evaluation_outputs` of it).
 
     Writes the metrics, the scored detections as COCO results with the dataset's own ids, and PR curves
     (segmenters: the confusion matrix) into the run directory (or the config's ``output_dir``), under names that
-    carry the split unless it is ``val``, or beside ``out``.
+    carry the split unless it is ``val``, or beside ``out``. ``tta``: the model's predictions are merged over the
+    flips and scales of ``eval.tta`` (:mod:`detkit.inference.tta`), scored by the same evaluator.
     """
     from detkit.engine.callbacks import write_metrics
 
@@ -305,10 +329,14 @@ def evaluate(target: str | Path, checkpoint: str | Path | None = None, overrides
         if cfg.data[split].format is None:
             raise ConfigError(f"data.{split} is not configured: cannot evaluate on it")
         cfg.data.val = cfg.data[split]
-    files = evaluation_outputs(run, split, out)
+    files = evaluation_outputs(run, split, out, tta)
     os.environ[RUN_DIR_ENV] = str(run)
     try:
         module = load_checkpoint(resolve_checkpoint(ckpt, "best"), cfg)
+        if tta:
+            from detkit.inference.tta import TTA, TTAPredict
+
+            module.predict_fn = TTAPredict(module.model, TTA.of(dict(cfg.eval.tta)), int(cfg.data.size_divisor))
         dm = build_datamodule(cfg)
         trainer = build_trainer(cfg, run, fit=False)
         trainer.validate(module, datamodule=dm, verbose=False)
@@ -316,8 +344,10 @@ def evaluate(target: str | Path, checkpoint: str | Path | None = None, overrides
         os.environ.pop(RUN_DIR_ENV, None)
     metrics = module.metrics
     if trainer.is_global_zero:
-        write_metrics(metrics, files["metrics"])
         evaluator = module.evaluator
+        if evaluator is not None and hasattr(evaluator, "results") and cfg.eval.analysis:
+            metrics.update(analyse(evaluator, list(module.classes), cfg.eval, files["analysis"]))
+        write_metrics(metrics, files["metrics"])
         if evaluator is not None and hasattr(evaluator, "results"):
             from detkit.evaluation import results_to_dataset_ids
 

@@ -26,6 +26,10 @@ def format_table(metrics: Mapping[str, Any], per_class_title: str = "per-class A
     voc = [f"{key} {_fmt(metrics[key])}" for key in ("voc07_mAP", "voc12_mAP") if key in metrics]
     if voc:
         lines.append("   ".join(voc))
+    errors = metrics.get("errors")
+    if isinstance(errors, dict) and errors.get("dAP"):
+        lost = "  ".join(f"{k} {v:+.3f} ({errors['counts'].get(k, 0)})" for k, v in errors["dAP"].items())
+        lines.append(f"AP50 {_fmt(errors.get('AP50'))}; gained by fixing each kind of error (count): {lost}")
     per_class = metrics.get("per_class") or {}
     if per_class:
         width = min(max(len(str(name)) for name in per_class), 28)

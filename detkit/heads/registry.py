@@ -80,6 +80,8 @@ HEADS.register("mask_rcnn", "detkit.heads.two_stage:build_mask_rcnn", HeadTraits
 HEADS.register("ssd", "detkit.heads.ssd:build_ssd_head", HeadTraits("detection", "flat"))
 HEADS.register("yolo", "detkit.heads.yolo:build_yolo_head", HeadTraits("detection", "flat"))
 HEADS.register("yolo_af", "detkit.heads.anchor_free:build_yolo_af_head", HeadTraits("detection", "flat"))
+HEADS.register("retinanet", "detkit.heads.dense:build_retinanet_head", HeadTraits("detection", "per_image"))
+HEADS.register("fcos", "detkit.heads.dense:build_fcos_head", HeadTraits("detection", "per_image"))
 HEADS.register("unet", "detkit.heads.unet:build_unet_head", HeadTraits("semantic", "logits"))
 
 

@@ -148,13 +148,19 @@ def to_onnx(wrapper: ExportModel, example: Tensor, out: str | Path, dynamic_batc
                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 
-def run_onnx(path: str | Path, images: Tensor | Any) -> dict[str, Any]:
-    """Run an exported ONNX file in onnxruntime (CPU): ``{output name: numpy array}``."""
+def onnx_session(path: str | Path) -> Any:
+    """An onnxruntime (CPU) session of an exported ONNX file."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise ConfigError("running ONNX files needs onnxruntime: pip install 'detkit[onnx]'") from None
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: str | Path | Any, images: Tensor | Any) -> dict[str, Any]:
+    """Run an exported ONNX file (or an :func:`onnx_session` of one) in onnxruntime (CPU): ``{output name: numpy
+    array}``."""
+    session = onnx_session(path) if isinstance(path, str | Path) else path
     array = images.detach().cpu().float().numpy() if isinstance(images, Tensor) else images
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, {"images": array})))

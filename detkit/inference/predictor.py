@@ -10,6 +10,12 @@ class indices 0..K-1 at the original size (255 where the winning probability is 
 ``classes=["a", "b"]`` (or ``"a,b"``) keeps only those classes: other detections are dropped, other pixels of a
 label map become 255 (unlabeled); unknown names are a ``ConfigError``. ``None`` or ``""``: every class.
 
+``tta=True`` (the run's ``eval.tta`` settings) or ``tta={"scales": [...], "hflip": ..., "merge": "wbf"|"nms"}``
+merges flipped and scaled passes (:mod:`detkit.inference.tta`); ``tiles=640`` or ``tiles={"size", "overlap",
+"full_image", "merge", "match", "iou"}`` cuts large images into overlapping tiles at the network's resolution
+(:mod:`detkit.inference.tiling`); ``predict_video(source)`` iterates over the frames of a video or stream
+(:mod:`detkit.inference.video`).
+
 Fast inference is on by default (``fast=True``): the Predictor runs its own copy of the model with BatchNorm
 folded into the convolutions and ``channels_last`` weights and inputs (:mod:`detkit.inference.optimize`; the
 detections are the same up to float rounding); ``compile=True`` adds ``torch.compile`` of the backbone and neck.
@@ -18,7 +24,7 @@ detections are the same up to float rounding); ``compile=True`` adds ``torch.com
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +35,12 @@ from detkit.data.collate import Collate
 from detkit.data.dataset import IMAGE_SUFFIXES, SEMANTIC_IGNORE, list_images, read_image, to_uint8_rgb
 from detkit.data.transforms import pipeline_from_config
 from detkit.errors import ConfigError, DataError
+from detkit.inference.merge import check_merge
+from detkit.inference.tiling import Tiling, predict_tiled
+from detkit.inference.tta import TTA, raw_predict, tta_predict
+from detkit.inference.video import Frame
 from detkit.models import Model, load_model
+from detkit.models.segmenter import label_map
 
 
 def to_rgb_array(image: Any) -> np.ndarray:
@@ -63,8 +74,9 @@ class Predictor:
     its ``config`` and ``classes`` (from :func:`detkit.load_model`, or a training module's ``model``)."""
 
     def __init__(self, model: Any, device: str | torch.device = "cpu", batch_size: int = 4,
-                 score_threshold: float = 0.0, fast: bool = True, compile: bool | str = False,
-                 classes: str | Sequence[str] | None = None) -> None:
+                 score_threshold: float | Mapping[str, float | None] = 0.0, fast: bool = True,
+                 compile: bool | str = False,
+                 classes: str | Sequence[str] | None = None, tta: Any = None, tiles: Any = None) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and (not torch.cuda.is_available() or
                                            (self.device.index or 0) >= torch.cuda.device_count()):
@@ -89,9 +101,19 @@ class Predictor:
         self.keep_classes: list[str] | None = select_classes(classes, self.classes)
         self._keep = None if self.keep_classes is None else torch.tensor(
             [self.classes.index(n) + first for n in self.keep_classes])
-        self.batch_size, self.score_threshold = int(batch_size), float(score_threshold)
+        self.batch_size = int(batch_size)
+        self.score_threshold, self._thresholds = self._thresholds_of(score_threshold)
         self.pipeline = pipeline_from_config(self.cfg.data, train=False)  # resized exactly as in validation
         self.collate = Collate(self.cfg.data.size_divisor)
+        if tta is True:  # the run's own settings (eval.tta), else the defaults
+            tta = dict((self.cfg.get("eval") or {}).get("tta") or {})
+        self.tta = TTA.of(tta)
+        self.tiles = Tiling.of(tiles)
+        if self.tta is not None:
+            check_merge(self.tta.merge, "iou", self.tta.iou, masks=bool(self.source.traits.masks), what="tta merge")
+        if self.tiles is not None:
+            check_merge(self.tiles.merge, self.tiles.match, self.tiles.iou, masks=bool(self.source.traits.masks),
+                        what="tile merge")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> Predictor:
@@ -111,17 +133,73 @@ class Predictor:
         single = not isinstance(images, list | tuple)
         items: Sequence[Any] = [images] if single else list(images)
         results: list[dict[str, Any]] = []
+        if self.tiles is not None:  # tiles of one image at a time, batched
+            for im in items:
+                raw = predict_tiled(to_rgb_array(im), self.run, self.tiles, int(self.cfg.data.image_size),
+                                    self.batch_size)
+                results.append(self._finish(raw))
+            return results[0] if single else results
         for start in range(0, len(items), self.batch_size):
-            chunk = items[start:start + self.batch_size]
-            batch = self.collate([self.sample(im, start + i) for i, im in enumerate(chunk)])
-            batch["images"] = batch["images"].to(self.device)
-            if self.channels_last:
-                batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
-            for pred in self.model.predict(batch):
-                results.append(self._finish(pred))
+            results += [self._finish(raw) for raw in self.run(items[start:start + self.batch_size])]
         return results[0] if single else results
 
+    @torch.inference_mode()
+    def run(self, images: Sequence[Any]) -> list[dict[str, torch.Tensor]]:
+        """One batch of images through the model (with test-time augmentation when set): per image the
+        detections in its pixels before thresholds, or a segmenter's ``{"logits"}``."""
+        batch = self.collate([self.sample(im, i) for i, im in enumerate(images)])
+        batch["images"] = batch["images"].to(self.device)
+        if self.tta is not None:
+            return tta_predict(self.model, batch, self.tta, int(self.cfg.data.size_divisor), self.channels_last)
+        if self.channels_last:
+            batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
+        return raw_predict(self.model, batch)
+
+    def predict_video(self, source: Any, vid_stride: int = 1, max_frames: int | None = None,
+                      stall_timeout: float = 10.0) -> Iterator[tuple[Frame, dict[str, Any]]]:
+        """``(frame, result)`` for the frames of a video file, stream URL (``rtsp://...``) or camera index, read
+        ``batch_size`` at a time (every ``vid_stride``-th frame, at most ``max_frames``); ``frame`` has ``index``,
+        ``time`` (seconds) and ``image`` (RGB array). A stream that stalls longer than ``stall_timeout`` seconds
+        raises :class:`~detkit.errors.DataError` after the frames read so far were yielded
+        (:mod:`detkit.inference.video`)."""
+        from detkit.inference.video import read_frames
+
+        chunk: list[Frame] = []
+        try:
+            for frame in read_frames(source, vid_stride=vid_stride, max_frames=max_frames,
+                                     stall_timeout=stall_timeout):
+                chunk.append(frame)
+                if len(chunk) == self.batch_size:
+                    batch, chunk = chunk, []
+                    yield from zip(batch, self._as_list(self([f.image for f in batch])))
+        except GeneratorExit:  # the caller stopped iterating
+            raise
+        except BaseException:  # the frames read before the source stalled or failed are predicted too
+            if chunk:
+                yield from zip(chunk, self._as_list(self([f.image for f in chunk])))
+            raise
+        if chunk:
+            yield from zip(chunk, self._as_list(self([f.image for f in chunk])))
+
+    @staticmethod
+    def _as_list(out: Any) -> list[dict[str, Any]]:
+        return out if isinstance(out, list) else [out]
+
+    def _thresholds_of(self, value: Any) -> tuple[float, torch.Tensor | None]:
+        """A score threshold for every class, or one per class name (``{name: t}``, e.g. ``metrics.json``'s
+        ``best_score_threshold``; a class left out or ``None``: 0). Returns (the smallest, per-label tensor)."""
+        if not isinstance(value, Mapping):
+            return float(value), None
+        unknown = [n for n in value if n not in self.classes]
+        if unknown:
+            raise ConfigError(f"score thresholds for unknown classes {', '.join(map(repr, unknown[:5]))}; this "
+                              f"model's classes: {', '.join(self.classes)}")
+        per = [float(value.get(n) or 0.0) for n in self.classes]
+        return min(per, default=0.0), torch.tensor([0.0, *per])  # label k -> per[k - 1]
+
     def _finish(self, pred: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if "logits" in pred:
+            pred = label_map(pred["logits"])
         if "semantic" in pred:  # a segmenter: pixels less sure than the threshold become unlabeled (255)
             semantic, scores = pred["semantic"].cpu(), pred["scores"].cpu()
             if self.score_threshold > 0:
@@ -130,7 +208,11 @@ class Predictor:
                 semantic = torch.where(torch.isin(semantic, self._keep), semantic, SEMANTIC_IGNORE)
             present = [int(v) for v in torch.unique(semantic).tolist() if v != SEMANTIC_IGNORE]
             return {"semantic": semantic, "scores": scores, "names": [self.classes[v] for v in present]}
-        keep = pred["scores"] >= self.score_threshold
+        if self._thresholds is not None:
+            per_label = self._thresholds.to(pred["scores"].device)
+            keep = pred["scores"] >= per_label[pred["labels"].clamp(0, len(self.classes))]
+        else:
+            keep = pred["scores"] >= self.score_threshold
         if self._keep is not None:
             keep &= torch.isin(pred["labels"], self._keep.to(pred["labels"].device))
         out = {k: v[keep].cpu() for k, v in pred.items()}

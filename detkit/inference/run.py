@@ -24,6 +24,7 @@ summary's ``per_class`` then counts images, not detections.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
@@ -91,6 +92,96 @@ def predict_files(predictor: Predictor, files: list[Path], out: str | Path, draw
     return {"task": predictor.task, "images": done, "skipped": len(skipped), "skipped_files": skipped,
             "detections": detections, "per_class": dict(per_class), "classes": predictor.keep_classes,
             "images_per_s": done / elapsed if elapsed > 0 else 0.0, "seconds": elapsed, "out": str(out)}
+
+
+def predict_video(predictor: Predictor, source: Any, out: str | Path, vid_stride: int = 1,
+                  max_frames: int | None = None, stall_timeout: float = 10.0, draw: bool = True,
+                  protect: list[Path] | None = None) -> dict[str, Any]:
+    """Predict the frames of a video file, stream or camera (:meth:`Predictor.predict_video`) into ``out``:
+    ``<name>.jsonl`` (one line per frame: ``{"frame", "time", "detections": COCO results with image_id = frame}``,
+    written as frames are done) and the annotated ``<name>.mp4``. A stream that ends finishes the run; one that
+    stalls, fails or is interrupted keeps everything done so far (``summary["stopped"]`` says why). Returns the
+    summary (``frames``, ``frames_per_s``, ...)."""
+    from detkit.inference.video import StreamStalled, VideoWriter, source_name
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = {p.resolve() for p in protect or []}
+    if isinstance(source, str | Path) and Path(str(source)).is_file():
+        inputs.add(Path(source).resolve())
+    name, n = source_name(source), 1
+    while any((out / f"{name}{s}").resolve() in inputs for s in (".mp4", ".jsonl")):
+        name, n = f"{source_name(source)}-{n}", n + 1
+    lines_path, video_path = out / f"{name}.jsonl", out / f"{name}.mp4"
+    per_class: Counter[str] = Counter()
+    frames = detections = 0
+    stopped, writer = None, None
+    start = time.perf_counter()
+    with open(lines_path, "w") as lines:
+        try:
+            for frame, pred in predictor.predict_video(source, vid_stride=vid_stride, max_frames=max_frames,
+                                                       stall_timeout=stall_timeout):
+                frames += 1
+                image_id = frame.index
+                if "semantic" in pred:
+                    semantic = pred["semantic"].numpy().astype(np.uint8)
+                    found = semantic_results(predictor, semantic, image_id, str(source), "")
+                    for r in found:
+                        r.pop("segmentation_file", None)
+                    drawn = draw_semantic(frame.image, semantic, predictor.classes) if draw else None
+                else:
+                    found = detection_results(predictor, pred, image_id, str(source))
+                    detections += len(found)
+                    drawn = draw_detections(frame.image, pred["boxes"].numpy(), pred["labels"].tolist(),
+                                            predictor.classes, pred["scores"].tolist(),
+                                            masks=pred["masks"].numpy() if "masks" in pred else None) if draw else None
+                per_class.update(pred["names"])
+                for r in found:
+                    r.pop("file_name", None)
+                lines.write(json.dumps({"frame": frame.index, "time": round(frame.time, 4), "detections": found})
+                            + "\n")
+                lines.flush()
+                if drawn is not None:
+                    if writer is None:
+                        fps = _source_fps(source) / max(1, int(vid_stride))
+                        writer = VideoWriter(video_path, fps or 10.0, drawn.size)
+                    writer.write(np.asarray(drawn))
+        except StreamStalled as e:
+            stopped = str(e)
+        except KeyboardInterrupt:
+            stopped = f"{source}: interrupted after {frames} frames; the results so far are kept"
+        finally:
+            if writer is not None:
+                writer.close()
+    elapsed = time.perf_counter() - start
+    return {"task": predictor.task, "source": str(source), "frames": frames, "detections": detections,
+            "per_class": dict(per_class), "classes": predictor.keep_classes,
+            "frames_per_s": frames / elapsed if elapsed > 0 else 0.0, "seconds": elapsed, "stopped": stopped,
+            "results": str(lines_path), "video": str(video_path) if writer is not None else None, "out": str(out)}
+
+
+def _source_fps(source: Any) -> float:
+    from detkit.inference.video import open_capture
+
+    if not isinstance(source, str | Path) or not Path(str(source)).is_file():
+        return 25.0 if isinstance(source, str | Path) else 10.0  # a stream or camera: its rate is not known ahead
+    cap, fps = open_capture(source)
+    cap.release()
+    return fps or 25.0
+
+
+def format_video_summary(summary: dict[str, Any]) -> str:
+    """The summary of a video source as printed by ``detkit predict``."""
+    semantic = summary["task"] == "semantic"
+    found = "label maps" if semantic else f"{summary['detections']} detections"
+    lines = [f"{summary['source']}: {summary['frames']} frames, {found}, {summary['frames_per_s']:.1f} frames/s"]
+    counts = dict(summary["per_class"])
+    if counts:
+        lines.append("frames per class:" if semantic else "detections per class:")
+        lines += [f"  {name:20s} {n}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    lines.append(f"per-frame results: {summary['results']}" + (f"; annotated video: {summary['video']}"
+                                                              if summary["video"] else ""))
+    return "\n".join(lines)
 
 
 OUTPUT_SUFFIXES = (".jpg", "_labels.png")  # what predict writes per image: out/<name>.jpg, out/<name>_labels.png

@@ -12,7 +12,8 @@ from detkit.models.detector import DETECTION_OUTPUTS, Detector, train_targets
 from detkit.models.load import load_model, read_checkpoint, resolve_checkpoint, run_dir_of
 from detkit.models.segmenter import Segmenter
 from detkit.models.tv_weights import from_torchvision_rcnn
+from detkit.models.weights import WeightsReport, load_weights, torchvision_to_detkit
 
 __all__ = ["DETECTION_OUTPUTS", "Detector", "Model", "Segmenter", "build_model", "check_model_config",
            "from_torchvision_rcnn", "load_model", "read_checkpoint", "resolve_checkpoint", "run_dir_of",
-           "train_targets"]
+           "train_targets", "WeightsReport", "load_weights", "torchvision_to_detkit"]

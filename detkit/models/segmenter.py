@@ -47,6 +47,12 @@ class Segmenter(Model):
                 raise ValueError("in training mode the segmenter needs targets (B x H x W label maps)")
             _, losses = self.head(self.features(images), images, image_sizes, targets)
             return losses
+        return [label_map(x) for x in self.original_logits(images, image_sizes, orig_sizes)]
+
+    def original_logits(self, images: Tensor, image_sizes: Sequence[tuple[int, int]] | None = None,
+                        orig_sizes: Sequence[tuple[int, int]] | None = None) -> list[Tensor]:
+        """Per image ``K x H x W`` logits at its original size (of a *normalised* batch): what test-time
+        augmentation and tiled inference average before the label map is taken."""
         logits = self.logits(images)
         out = []
         for i, (h, w) in enumerate(self.input_sizes(images, image_sizes)):
@@ -54,8 +60,7 @@ class Segmenter(Model):
             size = tuple(int(v) for v in orig_sizes[i]) if orig_sizes is not None else (h, w)
             if tuple(x.shape[-2:]) != size:
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            scores, semantic = x[0].softmax(dim=0).max(dim=0)
-            out.append({"semantic": semantic, "scores": scores})
+            out.append(x[0])
         return out
 
     # ----------------------------------------------------------------------------------------------- export
@@ -64,3 +69,9 @@ class Segmenter(Model):
     def export_outputs(self, images: Tensor) -> Tensor:
         """Float images in 0..255 -> ``B x K x H x W`` logits (what an exported graph returns)."""
         return self.logits(self.normalize(images))
+
+
+def label_map(logits: Tensor) -> dict[str, Tensor]:
+    """``K x H x W`` logits -> ``{"semantic": H x W class indices, "scores": the winning probability}``."""
+    scores, semantic = logits.softmax(dim=0).max(dim=0)
+    return {"semantic": semantic, "scores": scores}

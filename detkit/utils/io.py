@@ -44,6 +44,7 @@ def torch_load_data(path: str | Path, map_location: Any = "cpu") -> Any:
     :class:`UnsafeFile` for a file that references Python objects, ``ValueError`` (one line) for one that is not
     a readable torch file."""
     import pickle
+    import struct
 
     import torch
 
@@ -56,7 +57,8 @@ def torch_load_data(path: str | Path, map_location: Any = "cpu") -> Any:
                              f"loading it could run code (detkit reads such files with weights_only=True)") from None
         detail = next((line.strip() for line in text.splitlines() if "Unsupported" in line), _first_line(text))
         raise ValueError(f"{path}: not a readable torch file (UnpicklingError: {detail})") from None
-    except (OSError, RuntimeError, EOFError, ValueError, AttributeError, ImportError, IndexError, KeyError) as e:
+    except (OSError, RuntimeError, EOFError, ValueError, AttributeError, ImportError, IndexError, KeyError,
+            TypeError, OverflowError, struct.error) as e:
         raise ValueError(f"{path}: not a readable torch file ({type(e).__name__}: {_first_line(str(e))})") from None
 
 
