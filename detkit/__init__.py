@@ -39,12 +39,13 @@ def train(cfg, overrides=(), *, resume=None, callbacks=None):
     return _train(cfg, overrides, resume=resume, callbacks=callbacks)
 
 
-def evaluate(target, checkpoint=None, overrides=(), split="val", out=None):
+def evaluate(target, checkpoint=None, overrides=(), split="val", out=None, tta=False):
     """See :func:`detkit.engine.evaluate`: (metrics, run directory) of a run directory or config; ``split`` other
-    than val writes ``metrics_<split>.json`` etc., ``out`` a metrics file of its own."""
+    than val writes ``metrics_<split>.json`` etc., ``out`` a metrics file of its own; ``tta`` merges the flipped
+    and scaled passes of ``eval.tta`` (``metrics_tta.json``)."""
     from detkit.engine import evaluate as _evaluate
 
-    return _evaluate(target, checkpoint, overrides, split=split, out=out)
+    return _evaluate(target, checkpoint, overrides, split=split, out=out, tta=tta)
 
 
 __all__ = ["ConfigError", "DetkitError", "PretrainedError", "__version__", "build_backbone", "build_model",

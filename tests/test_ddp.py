@@ -50,13 +50,23 @@ def test_two_process_ddp_training_and_validation_metrics_equal_one_process(odd_s
     m2 = json.loads((tmp_path / "two.json").read_text())
     assert m1["bbox_AR100"] > 0  # the model detects something, so a missed or doubled image would show
     assert m1.keys() == m2.keys()
-    for key in m1:
-        if key == "per_class":
-            assert m1[key] == pytest.approx(m2[key], abs=1e-9)
-        elif m1[key] is None:
-            assert m2[key] is None
-        else:
-            assert m2[key] == pytest.approx(m1[key], abs=1e-9), key
+    assert_same_numbers(m2, m1)
+
+
+def assert_same_numbers(got, want, where="metrics"):
+    """Equal structure and equal numbers (to 1e-9) through nested dicts and lists (per-class rows, error analysis)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for key in want:
+            assert_same_numbers(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same_numbers(g, w, f"{where}[{i}]")
+    elif want is None or isinstance(want, str):
+        assert got == want, where
+    else:
+        assert got == pytest.approx(want, abs=1e-9), where
 
 
 @pytest.mark.timeout(900)

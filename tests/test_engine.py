@@ -152,6 +152,9 @@ def test_learning_rate_schedule():
     assert lr_factor(5, t, 100, 10) == pytest.approx(0.55 * 0.5 * (1 + math.cos(math.pi * 0.05)))
     assert lr_factor(50, t, 100, 10) == pytest.approx(0.5)
     assert lr_factor(100, t, 100, 10) == pytest.approx(0.0)
+    # a run shorter than three warmups: the warmup is a third of it (the full rate is reached, then cosine)
+    assert lr_factor(0, t, 12, 10) == pytest.approx(0.1)
+    assert lr_factor(4, t, 12, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 12)))
     m = load_config(None, ["train.warmup_iters=0", "train.scheduler=multistep", "train.milestones=[2,3]"]).train
     assert [lr_factor(s, m, 40, 10) for s in (0, 19, 20, 30)] == pytest.approx([1, 1, 0.1, 0.01])
 

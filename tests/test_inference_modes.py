@@ -103,6 +103,14 @@ def test_masks_cannot_be_fused_and_bad_settings_are_one_line(yolo):
         Tiling(size=64, overlap=1.0)
     with pytest.raises(ConfigError, match="tile merge = 'mean'"):
         Predictor(yolo, tiles={"size": 64, "merge": "mean"})
+    # auto: fusion for boxes, NMS for instance masks; an explicit fusion of masks is refused with the config
+    from detkit.engine.run import check_config
+
+    assert TTA().method(masks=False) == "wbf" and TTA().method(masks=True) == "nms"
+    mask_rcnn = FIXTURES.parent.parent / "configs" / "mask_rcnn" / "shapes.yaml"
+    check_config(load_config(mask_rcnn, ["eval.tta={scales: [1.0, 1.2]}"]))
+    with pytest.raises(ConfigError, match="wbf fuses boxes only"):
+        check_config(load_config(mask_rcnn, ["eval.tta={merge: wbf}"]))
 
 
 # ------------------------------------------------------------------------------------- test-time augmentation

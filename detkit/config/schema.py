@@ -98,6 +98,7 @@ class NeckConfig:
     levels: list[str] = field(default_factory=lambda: ["p3", "p4", "p5", "p6", "p7"])
     extra_from: str = choice("fpn", "fpn", "backbone")
     extra_op: str = choice("conv", "conv", "maxpool")
+    norm: str = choice("none", "none", "bn")  # BatchNorm after the FPN's convs (torchvision's v2 detectors)
 
 
 @dataclass
@@ -213,7 +214,7 @@ class EvalConfig:
     confusion_iou: float = ranged(0.5, gt=0, le=1)
     confusion_score: float = ranged(0.25, ge=0, le=1)
     # test-time augmentation (detkit eval --tta, predict --tta): detkit.inference.tta.TTA's arguments, e.g.
-    # {scales: [1.0, 0.83, 1.17], hflip: true, merge: wbf, iou: 0.55}; unset keys take TTA's defaults
+    # {scales: [1.0, 0.83, 1.17], hflip: true, merge: auto, iou: 0.55}; unset keys take TTA's defaults
     tta: dict[str, Any] = field(default_factory=dict)
 
 

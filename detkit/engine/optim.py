@@ -55,8 +55,9 @@ def build_optimizer(model: nn.Module, t: Any) -> torch.optim.Optimizer:
 
 
 def lr_factor(step: int, t: Any, total_steps: int, steps_per_epoch: int) -> float:
-    """The multiplier of ``train.lr`` at optimizer step ``step`` (0-based)."""
-    warmup = int(t.warmup_iters)
+    """The multiplier of ``train.lr`` at optimizer step ``step`` (0-based). The warmup takes at most a third of
+    the run (a short run, e.g. a small time budget, still reaches the full learning rate)."""
+    warmup = min(int(t.warmup_iters), total_steps // 3) if total_steps > 0 else int(t.warmup_iters)
     if t.scheduler == "cosine":
         factor = 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
     elif t.scheduler == "multistep":

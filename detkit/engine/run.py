@@ -119,6 +119,12 @@ def check_config(cfg: DictConfig):
     the meta device). Returns the head's traits."""
     traits = check_model_config(cfg)
     check_eval_config(cfg.eval, traits, cfg.model.head.name)
+    if cfg.eval.get("tta"):  # test-time augmentation settings (detkit eval --tta), checked before anything runs
+        from detkit.inference.merge import check_merge
+        from detkit.inference.tta import TTA
+
+        tta = TTA.of(dict(cfg.eval.tta))
+        check_merge(tta.method(traits.masks), "iou", tta.iou, masks=traits.masks, what="eval.tta.merge")
     dry = copy.deepcopy(cfg)
     dry.model.backbone.pretrained = None
     with torch.device("meta"):  # every part's settings checked by building it, at no cost (no memory, no weights)

@@ -71,6 +71,7 @@ class TwoStageParams:
     mask_sampling_ratio: int = 2
     mask_head_layers: list[int] = field(default_factory=lambda: [256, 256, 256, 256])
     mask_head_dilation: int = 1
+    mask_head_norm: str = "none"  # none | bn (BatchNorm after each mask conv: torchvision's maskrcnn_resnet50_fpn_v2)
     mask_threshold: float = 0.5  # probability above which a pasted mask pixel is on
 
 
@@ -128,7 +129,8 @@ def build_two_stage_head(p: TwoStageParams, channels: int, strides: dict[str, in
         kwargs = dict(
             mask_roi_pool=_pooler("roi_align", roi_levels, roi_strides, p.mask_roi_output_size, p.mask_sampling_ratio,
                                   p),
-            mask_head=MaskRCNNHeads(channels, list(p.mask_head_layers), p.mask_head_dilation),
+            mask_head=MaskRCNNHeads(channels, list(p.mask_head_layers), p.mask_head_dilation,
+                                    norm_layer=nn.BatchNorm2d if p.mask_head_norm == "bn" else None),
             mask_predictor=MaskRCNNPredictor(p.mask_head_layers[-1], p.mask_head_layers[-1], num_classes + 1),
         )
     roi_heads = RoIHeads(
@@ -179,6 +181,8 @@ def check_params(p: TwoStageParams, masks: bool) -> None:
         raise ConfigError(f"{where}.aspect_ratios = {p.aspect_ratios}: expected positive ratios (e.g. [0.5, 1, 2])")
     if p.anchor_sizes is not None and (not all(p.anchor_sizes) or min(min(s) for s in p.anchor_sizes) <= 0):
         raise ConfigError(f"{where}.anchor_sizes = {p.anchor_sizes}: expected positive sizes, one list per level")
+    if p.mask_head_norm not in ("none", "bn"):
+        raise ConfigError(f"{where}.mask_head_norm = {p.mask_head_norm!r}: expected none or bn")
     if masks and (not p.mask_head_layers or min(p.mask_head_layers) < 1):
         raise ConfigError(f"{where}.mask_head_layers = {p.mask_head_layers}: expected channel counts (e.g. [256] * 4)")
 

@@ -110,7 +110,8 @@ class Predictor:
         self.tta = TTA.of(tta)
         self.tiles = Tiling.of(tiles)
         if self.tta is not None:
-            check_merge(self.tta.merge, "iou", self.tta.iou, masks=bool(self.source.traits.masks), what="tta merge")
+            check_merge(self.tta.method(bool(self.source.traits.masks)), "iou", self.tta.iou,
+                        masks=bool(self.source.traits.masks), what="eval.tta.merge")
         if self.tiles is not None:
             check_merge(self.tiles.merge, self.tiles.match, self.tiles.iou, masks=bool(self.source.traits.masks),
                         what="tile merge")

@@ -1,11 +1,12 @@
 """Test-time augmentation: a model run on scaled and flipped copies of a batch, the passes merged.
 
-``TTA(scales=(1.0, 0.83, 1.17), hflip=True, merge="wbf", iou=0.55)`` (the config's ``eval.tta``) and
+``TTA(scales=(1.0, 0.83, 1.17), hflip=True, merge="auto", iou=0.55)`` (the config's ``eval.tta``) and
 ``tta_predict(model, batch, tta, size_divisor)``: for a collated batch (what :meth:`detkit.models.Model.predict`
 takes) every scale x (unflipped, flipped) pass runs the model on the normalised images resized by that scale
 (padded to ``size_divisor``), maps its outputs back to the original pixels (boxes un-flipped, masks and logits
 flipped back), and merges them per image: detections by weighted box fusion or NMS
-(:mod:`detkit.inference.merge`; instance masks need NMS), U-Net logits by their mean. It returns what
+(:mod:`detkit.inference.merge`; ``auto``: fusion for boxes, NMS for instance masks, which cannot be fused),
+U-Net logits by their mean. It returns what
 :func:`raw_predict` returns: per image detections, or ``{"logits": K x H x W}`` for a segmenter.
 
 Used by ``detkit eval --tta`` (the engine's validation, scored by the same evaluator) and ``Predictor(tta=...)``
@@ -33,7 +34,7 @@ class TTA:
 
     scales: Sequence[float] = field(default_factory=lambda: [1.0, 0.83, 1.17])
     hflip: bool = True
-    merge: str = "wbf"  # wbf | nms (instance masks: nms)
+    merge: str = "auto"  # auto (wbf; nms for instance masks) | wbf | nms
     iou: float = 0.55
     max_detections: int = 300
 
@@ -41,7 +42,11 @@ class TTA:
         self.scales = [float(s) for s in self.scales]
         if not self.scales or any(not 0.1 <= s <= 4 for s in self.scales):
             raise ConfigError(f"eval.tta.scales = {list(self.scales)}: give scales between 0.1 and 4")
-        check_merge(self.merge, "iou", self.iou, what="eval.tta.merge")
+        check_merge("wbf" if self.merge == "auto" else self.merge, "iou", self.iou, what="eval.tta.merge")
+
+    def method(self, masks: bool) -> str:
+        """The merge for a model with (or without) instance masks."""
+        return ("nms" if masks else "wbf") if self.merge == "auto" else self.merge
 
     @classmethod
     def of(cls, value: Any) -> TTA | None:
@@ -81,7 +86,8 @@ def raw_predict(model: Model, batch: dict[str, Any]) -> list[dict[str, Tensor]]:
 def tta_predict(model: Model, batch: dict[str, Any], tta: TTA, size_divisor: int = 32,
                 channels_last: bool = False) -> list[dict[str, Tensor]]:
     """The merged passes of one collated batch (see the module docstring)."""
-    check_merge(tta.merge, "iou", tta.iou, masks=bool(model.traits.masks), what="eval.tta.merge")
+    method = tta.method(bool(model.traits.masks))
+    check_merge(method, "iou", tta.iou, masks=bool(model.traits.masks), what="eval.tta.merge")
     images = model.preprocess(batch["images"])  # normalised floats: the passes resize these
     sizes = [(int(h), int(w)) for h, w in batch["image_sizes"]]
     targets = batch.get("targets") or [{} for _ in sizes]
@@ -104,7 +110,7 @@ def tta_predict(model: Model, batch: dict[str, Any], tta: TTA, size_divisor: int
             passes[i].append(_unflip(out, orig[i][1]) if flip else out)
     if model.task == "semantic":
         return [{"logits": mean_logits([p["logits"] for p in per])} for per in passes]
-    return [merge_detections(per, orig[i], tta.merge, tta.iou, max_detections=tta.max_detections)
+    return [merge_detections(per, orig[i], method, tta.iou, max_detections=tta.max_detections)
             for i, per in enumerate(passes)]
 
 

@@ -40,9 +40,10 @@ class StreamStalled(DataError):
 
 
 def is_video_source(item: str) -> bool:
-    """A video file (by suffix), a stream URL, or a camera index."""
+    """A video file (by suffix), a stream URL, or a camera index (digits that are not a file or folder here)."""
     s = str(item)
-    return s.isdigit() or s.lower().startswith(STREAM_SCHEMES) or Path(s).suffix.lower() in VIDEO_SUFFIXES
+    return ((s.isdigit() and not Path(s).exists()) or s.lower().startswith(STREAM_SCHEMES)
+            or Path(s).suffix.lower() in VIDEO_SUFFIXES)
 
 
 def source_name(source: Any) -> str:

@@ -66,6 +66,20 @@ class WeightsReport:
         return asdict(self)
 
 
+def refuse_unmapped(state: Mapping[str, Tensor], source: str) -> None:
+    """torchvision detectors whose backbone taps detkit's level plans cannot express: one line, not a partial load."""
+    keys = list(state)
+    if any(k.startswith("backbone.extra.") or k.startswith("head.classification_head.module_list.") for k in keys):
+        raise PretrainedError(f"model.weights = {source}: torchvision's SSD300 / SSDlite weights are not mapped "
+                              f"(their backbones are cut at points detkit's levels do not have: VGG's conv4_3 with "
+                              f"L2 norm, MobileNetV3 inside block 13); start from ImageNet backbone weights "
+                              f"(model.backbone.pretrained) instead")
+    if any(re.match(r"backbone\.body\.\d+\.", k) for k in keys) and any(k.startswith("backbone.fpn.") for k in keys):
+        raise PretrainedError(f"model.weights = {source}: torchvision's MobileNet-FPN detectors are not mapped (their "
+                              f"FPN reads two maps at stride 32, where detkit has one level per stride); start from "
+                              f"ImageNet MobileNetV3 (model.backbone.pretrained) or the ResNet-50-FPN weights")
+
+
 def torchvision_to_detkit(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """torchvision detection keys (``fasterrcnn_*``, ``maskrcnn_*``, ``retinanet_*``, ``fcos_*``) -> detkit's.
     MobileNet bodies index ``features`` directly (``backbone.body.N`` -> ``backbone.network.features.N``)."""
@@ -102,6 +116,7 @@ def read_source(spec: str) -> tuple[dict[str, Tensor], list[str] | None, str]:
                 data = data[key]
         if not isinstance(data, Mapping) or not all(isinstance(v, Tensor) for v in data.values()):
             raise PretrainedError(f"model.weights = {spec}: not a state dict (a mapping of names to tensors)")
+        refuse_unmapped(data, spec)
         state = torchvision_to_detkit(data)
         return state, _coco_names(state), str(path)
     return _named(spec)
@@ -129,6 +144,7 @@ def _named(spec: str) -> tuple[dict[str, Tensor], list[str] | None, str]:
 
     state = fetch_named("model.weights", spec, lambda: weights.get_state_dict(progress=False, check_hash=True))
     categories = weights.meta.get("categories")
+    refuse_unmapped(state, spec)
     state = torchvision_to_detkit(state)
     return state, list(categories[1:]) if categories else _coco_names(state), f"torchvision {spec}"
 

@@ -15,7 +15,7 @@ def build_neck(cfg, in_channels: Mapping[str, int], in_strides: Mapping[str, int
     if cfg.name == NO_NECK:
         return None
     neck = NECKS.get(cfg.name)(in_channels, in_strides, out_channels=cfg.out_channels, levels=list(cfg.levels),
-                               extra_from=cfg.extra_from, extra_op=cfg.extra_op)
+                               extra_from=cfg.extra_from, extra_op=cfg.extra_op, norm=cfg.get("norm", "none"))
     return NECKS.check(cfg.name, neck)
 
 

@@ -7,7 +7,8 @@ from :class:`ExtraLevels`, a stride-2 3x3 conv (RetinaNet style, ReLU between) o
 bottom-up path after the FPN: ``n_lowest = p_lowest``, ``n_{k+1} = conv3x3(p_{k+1} + conv3x3_s2(n_k))``.
 
 A neck maps the backbone's ``{"c_k": tensor}`` to ``{"p_k": tensor}`` with one channel count, and declares
-``out_channels`` (an int) and ``strides`` (``{"p_k": 2**k}``) when built.
+``out_channels`` (an int) and ``strides`` (``{"p_k": 2**k}``) when built. ``norm="bn"`` puts BatchNorm after the
+FPN's convs (torchvision's ``*_v2`` detectors).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
 from detkit.errors import ConfigError
+
+# model.neck.norm: the FPN's lateral and output convs without (torchvision's default) or with BatchNorm
+# (torchvision's v2 detectors)
+NORMS = {"none": None, "bn": nn.BatchNorm2d}
 
 
 def _index(level: str, prefix: str) -> int:
@@ -83,8 +88,11 @@ class FPN(nn.Module):
         levels: Sequence[str] = ("p3", "p4", "p5", "p6", "p7"),
         extra_from: str = "fpn",
         extra_op: str = "conv",
+        norm: str = "none",
     ) -> None:
         super().__init__()
+        if norm not in NORMS:
+            raise ConfigError(f"model.neck.norm = {norm!r}: expected one of {', '.join(NORMS)}")
         if not levels:
             raise ConfigError("model.neck.levels is empty: name the pyramid levels, e.g. [p3, p4, p5, p6, p7]")
         ks = sorted(_index(level, "p") for level in levels)
@@ -112,7 +120,8 @@ class FPN(nn.Module):
             ExtraLevels(len(extra), in_channels[self.in_levels[-1]], out_channels, extra, extra_op, extra_from)
             if extra else None
         )
-        self.fpn = FeaturePyramidNetwork([in_channels[c] for c in self.in_levels], out_channels, extra_block)
+        self.fpn = FeaturePyramidNetwork([in_channels[c] for c in self.in_levels], out_channels, extra_block,
+                                         norm_layer=NORMS[norm])
 
     def forward(self, feats: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
         x = OrderedDict((f"p{c[1:]}", feats[c]) for c in self.in_levels)
@@ -124,8 +133,8 @@ class PAN(FPN):
 
     def __init__(self, in_channels: Mapping[str, int], in_strides: Mapping[str, int] | None = None,
                  out_channels: int = 256, levels: Sequence[str] = ("p3", "p4", "p5", "p6", "p7"),
-                 extra_from: str = "fpn", extra_op: str = "conv") -> None:
-        super().__init__(in_channels, in_strides, out_channels, levels, extra_from, extra_op)
+                 extra_from: str = "fpn", extra_op: str = "conv", norm: str = "none") -> None:
+        super().__init__(in_channels, in_strides, out_channels, levels, extra_from, extra_op, norm)
         n = len(self.levels) - 1
         self.down = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1) for _ in range(n))
         self.fuse = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in range(n))
