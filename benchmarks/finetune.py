@@ -36,7 +36,8 @@ def run(task: str, start: str, weights: str, steps: int, work: Path) -> dict:
     out = work / task / start
     t = time.perf_counter()
     detkit.train(ROOT / config, [*R50, *source, f"trainer.max_steps={steps}", "train.epochs=1000",
-                                 f"train.total_steps={steps}", f"output_dir={out}", "trainer.enable_progress_bar=false"])
+                                 f"train.total_steps={steps}", f"output_dir={out}",
+                                 "trainer.enable_progress_bar=false"])
     wall = time.perf_counter() - t
     metrics, _ = detkit.evaluate(out, overrides=["eval.analysis=false"])
     return {"task": task, "start": start, "steps": steps, "bbox_AP": metrics.get("bbox_AP"),
