@@ -39,7 +39,8 @@ def test_torchvision_detection_weights_give_torchvisions_detections(family, tmp_
     torch.save(tv.state_dict(), tmp_path / "w.pth")
     model = build_model(load_config(None, overrides)).eval()
     classes = [f"class{i}" for i in range(1, 91)]
-    report = load_weights(model, str(tmp_path / "w.pth"), classes)
+    # the file's class rows are COCO's 91 outputs (10 unused "N/A" ids): keep each row by its label
+    report = load_weights(model, str(tmp_path / "w.pth"), classes, {name: i for i, name in enumerate(classes, 1)})
     assert not report.missing and not report.skipped, (report.missing[:3], report.skipped[:3])
     x = torch.rand(2, 3, 320, 320)  # short side = min_size: torchvision's transform does not resize it
     with torch.no_grad():
