@@ -137,12 +137,12 @@ def tta(args: argparse.Namespace, run: str) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
             m, _ = evaluate(run, out=Path(tmp) / "metrics.json", tta=mode, plots=False,
-                            overrides=["eval.analysis=false", "trainer.enable_progress_bar=false"])
+                            overrides=["eval.analysis=false", "trainer.enable_progress_bar=false", *args.override])
             timings[mode], metrics[mode] = time.perf_counter() - t, m
     main = next(k for k in ("bbox_AP", "mIoU") if k in metrics[False])
     out = {"measure": "tta", "run": run, "metric": main, "plain": round(metrics[False][main], 4),
            "tta": round(metrics[True][main], 4), "gain": round(metrics[True][main] - metrics[False][main], 4),
-           "time_ratio": round(timings[True] / timings[False], 2)}
+           "time_ratio": round(timings[True] / timings[False], 2), "overrides": args.override}
     if "segm_AP" in metrics[False]:
         out.update(segm_plain=round(metrics[False]["segm_AP"], 4), segm_tta=round(metrics[True]["segm_AP"], 4))
     return out
@@ -165,6 +165,8 @@ def main() -> None:
     t.add_argument("--limit", type=int, default=1000, help="at most this many validation images")
     a = sub.add_parser("tta")
     a.add_argument("runs", nargs="+")
+    a.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="config overrides for both passes, e.g. 'eval.tta={scales: [1.0], hflip: true}'")
     args = p.parse_args()
     torch.manual_seed(0)
     if args.what == "video":

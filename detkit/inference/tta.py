@@ -1,6 +1,6 @@
 """Test-time augmentation: a model run on scaled and flipped copies of a batch, the passes merged.
 
-``TTA(scales=(1.0, 0.83, 1.17), hflip=True, merge="auto", iou=0.55)`` (the config's ``eval.tta``) and
+``TTA(scales=(1.0,), hflip=True, merge="auto", iou=0.55)`` (the config's ``eval.tta``) and
 ``tta_predict(model, batch, tta, size_divisor)``: for a collated batch (what :meth:`detkit.models.Model.predict`
 takes) every scale x (unflipped, flipped) pass runs the model on the normalised images resized by that scale
 (padded to ``size_divisor``), maps its outputs back to the original pixels (boxes un-flipped, masks and logits
@@ -32,7 +32,7 @@ from detkit.models import Model
 class TTA:
     """Test-time augmentation settings (``eval.tta`` in a config)."""
 
-    scales: Sequence[float] = field(default_factory=lambda: [1.0, 0.83, 1.17])
+    scales: Sequence[float] = field(default_factory=lambda: [1.0])  # add e.g. 0.83, 1.17: multi-scale
     hflip: bool = True
     merge: str = "auto"  # auto (wbf; nms for instance masks) | wbf | nms
     iou: float = 0.55
