@@ -3,9 +3,9 @@ measured in one run on the same machine, scored by detkit's evaluator.
 
     # frames/s of `detkit predict VIDEO` against the Predictor over the same frames as images (320 px)
     .venv/bin/python benchmarks/inference_modes.py video RUN --size 320 --frames 60
-    # small objects: the validation images pasted at their own size onto GRID x GRID canvases; plain pass against
+    # small objects: the validation images (resized by SHRINK) pasted onto GRID x GRID canvases; plain pass against
     # tiles of TILE pixels (each resized to the network's input, as in training); AP, AP_small, time ratio
-    .venv/bin/python benchmarks/inference_modes.py tiling RUN --grid 3 --tile 640
+    .venv/bin/python benchmarks/inference_modes.py tiling RUN --grid 3 --tile 640 [--shrink 0.3]
     # test-time augmentation: `detkit eval` against `detkit eval --tta` (the run's eval.tta); AP gain, time ratio
     .venv/bin/python benchmarks/inference_modes.py tta RUN [RUN ...]
 
@@ -68,11 +68,19 @@ def video(args: argparse.Namespace) -> dict:
             "note": "video: decode + predict + draw + encode MP4 + JSON lines; images: predict only"}
 
 
-def canvases(dataset, grid: int, limit: int):
-    """The dataset's images pasted at their own size onto grid x grid canvases (cell = the largest image), with
-    their boxes moved along: a COCO ground truth of large images with small objects."""
+def canvases(dataset, grid: int, limit: int, shrink: float = 1.0):
+    """The dataset's images (resized by ``shrink``) pasted onto grid x grid canvases (cell = the largest image),
+    with their boxes moved along: a COCO ground truth of large images with small objects."""
+    import cv2
+
     n = min(len(dataset), limit)
-    samples = [dataset.load(i) for i in range(n)]
+    samples = [dict(dataset.load(i)) for i in range(n)]
+    if shrink != 1.0:
+        for s in samples:
+            h, w = s["image"].shape[:2]
+            size = (max(1, round(w * shrink)), max(1, round(h * shrink)))
+            s["image"] = cv2.resize(s["image"], size, interpolation=cv2.INTER_AREA)
+            s["boxes"] = np.asarray(s["boxes"], dtype=np.float64) * [size[0] / w, size[1] / h] * 2
     images = [s["image"] for s in samples]
     cell = max(max(im.shape[:2]) for im in images)
     out, gt_images, gt_anns = [], [], []
@@ -104,7 +112,7 @@ def tiling(args: argparse.Namespace) -> dict:
     model = load_model(args.run)
     cfg = model.config
     dataset = build_dataset(cfg.data.val, transform=None, with_masks=False, key="data.val")
-    images, gt = canvases(dataset, args.grid, args.limit)
+    images, gt = canvases(dataset, args.grid, args.limit, args.shrink)
     gt["categories"] = [{"id": i + 1, "name": n} for i, n in enumerate(model.classes)]
     results = {}
     for mode, tiles in (("plain", None), ("tiled", {"size": args.tile, "overlap": args.overlap})):
@@ -123,6 +131,8 @@ def tiling(args: argparse.Namespace) -> dict:
         results[mode] = {"AP": m.get("bbox_AP"), "AP50": m.get("bbox_AP50"), "AP_small": m.get("bbox_APs"),
                          "AP_medium": m.get("bbox_APm"), "s_per_image": seconds / len(images)}
     return {"measure": "tiling", "run": str(args.run), "canvases": len(images), "grid": args.grid,
+            "shrink": args.shrink, "objects": len(gt["annotations"]),
+            "objects_small": sum(a["area"] < 32 ** 2 for a in gt["annotations"]),
             "canvas_px": int(images[0].shape[0]), "tile": args.tile, "overlap": args.overlap,
             "network_input": int(cfg.data.image_size), **{f"{k}_{m}": (round(v, 4) if v is not None else None)
                                                           for m, r in results.items() for k, v in r.items()},
@@ -163,6 +173,7 @@ def main() -> None:
     t.add_argument("--tile", type=int, default=640)
     t.add_argument("--overlap", type=float, default=0.2)
     t.add_argument("--limit", type=int, default=1000, help="at most this many validation images")
+    t.add_argument("--shrink", type=float, default=1.0, help="resize each image by this before pasting it")
     a = sub.add_parser("tta")
     a.add_argument("runs", nargs="+")
     a.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",

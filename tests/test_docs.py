@@ -190,7 +190,9 @@ def check_names(args) -> None:
 
     names = list(getattr(args, "names", None) or []) if args.command == "backbones" else []
     if args.command == "transfer":
-        names = [n.split("@")[0] for n in args.backbones.split(",") if n.strip()]
+        from detkit.analysis.lineage import expand
+
+        names = [n.split("@")[0] for n in expand([b.strip() for b in args.backbones.split(",") if b.strip()])]
     for name in names:
         BACKBONES.entry(name.strip())
 
