@@ -80,7 +80,8 @@ def canvases(dataset, grid: int, limit: int, shrink: float = 1.0):
             h, w = s["image"].shape[:2]
             size = (max(1, round(w * shrink)), max(1, round(h * shrink)))
             s["image"] = cv2.resize(s["image"], size, interpolation=cv2.INTER_AREA)
-            s["boxes"] = np.asarray(s["boxes"], dtype=np.float64) * [size[0] / w, size[1] / h] * 2
+            sx, sy = size[0] / w, size[1] / h
+            s["boxes"] = np.asarray(s["boxes"], dtype=np.float64).reshape(-1, 4) * np.array([sx, sy, sx, sy])
     images = [s["image"] for s in samples]
     cell = max(max(im.shape[:2]) for im in images)
     out, gt_images, gt_anns = [], [], []
