@@ -61,11 +61,12 @@ class Slow(L.Callback):
 def test_the_budget_is_a_hard_stop(shapes_dir, tmp_path):
     started = time.perf_counter()
     run = detkit.train(TINY_CONFIG, tiny_detector_overrides(shapes_dir, tmp_path / "slow", *COMMON,
-                                                            "train.budget=25s"), callbacks=[Slow()])
+                                                            "train.budget=40s"), callbacks=[Slow()])
     elapsed = time.perf_counter() - started
     planned = load_config(run / "config.yaml").train.total_steps
+    assert planned > 3  # the calibration (which the slow callback does not touch) left room for a real plan
     assert _weights(run)["global_step"] < planned  # stopped by the budget, saved where it stopped
-    assert elapsed < 25 * 1.4
+    assert elapsed < 40 * 1.3
 
 
 def test_the_last_epochs_train_without_mosaic(shapes_dir):

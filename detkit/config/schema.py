@@ -214,7 +214,8 @@ class EvalConfig:
     confusion_iou: float = ranged(0.5, gt=0, le=1)
     confusion_score: float = ranged(0.25, ge=0, le=1)
     # test-time augmentation (detkit eval --tta, predict --tta): detkit.inference.tta.TTA's arguments, e.g.
-    # {scales: [1.0, 0.83, 1.17], hflip: true, merge: auto, iou: 0.55} (default scales: [1.0]); unset keys take TTA's defaults
+    # {scales: [1.0, 0.83, 1.17], hflip: true, merge: auto, iou: 0.55} (default scales: [1.0]); unset keys take
+    # TTA's defaults
     tta: dict[str, Any] = field(default_factory=dict)
 
 
