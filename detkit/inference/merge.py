@@ -16,7 +16,8 @@ Semantic logits are merged by their mean (:func:`mean_logits`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -120,3 +121,24 @@ def fuse_boxes(parts: Sequence[dict[str, Tensor]], size: tuple[int, int], iou: f
 def mean_logits(parts: Sequence[Tensor]) -> Tensor:
     """Semantic logits (``K x H x W``, the same size) of several passes -> their mean."""
     return torch.stack(list(parts)).mean(dim=0)
+
+
+def settings_of(cls: type, value: Any, mapping_key: str, value_key: str, word: str, hint: str,
+                shorthand: Callable[[Any], Any] | None = None) -> Any:
+    """A settings dataclass (``Tiling``, ``TTA``) from what a user passes: None/False (off), True (the defaults),
+    an instance, a mapping of its fields, or ``shorthand``'s value (e.g. a tile size); else one line."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if shorthand is not None and (made := shorthand(value)) is not None:
+        return made
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"{mapping_key}: unknown {word} {unknown[0]!r} (known: "
+                              f"{', '.join(cls.__dataclass_fields__)})")
+        return cls(**dict(value))
+    raise ConfigError(f"{value_key} = {value!r}: {hint}")

@@ -14,7 +14,7 @@ object's whole box; or ``wbf``, :mod:`detkit.inference.merge`), U-Net logits by 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from detkit.errors import ConfigError
-from detkit.inference.merge import check_merge, concat, merge_detections
+from detkit.inference.merge import check_merge, concat, merge_detections, settings_of
 
 Window = tuple[int, int, int, int]  # x0, y0, x1, y1
 
@@ -52,21 +52,8 @@ class Tiling:
     @classmethod
     def of(cls, value: Any) -> Tiling | None:
         """An int (the tile size), a mapping of settings, ``True`` (the defaults), a Tiling, or None/False."""
-        if value is None or value is False:
-            return None
-        if value is True:
-            return cls()
-        if isinstance(value, Tiling):
-            return value
-        if isinstance(value, int):
-            return cls(size=value)
-        if isinstance(value, Mapping):
-            unknown = sorted(set(value) - set(cls.__dataclass_fields__))
-            if unknown:
-                raise ConfigError(f"tiles: unknown setting {unknown[0]!r} (known: "
-                                  f"{', '.join(cls.__dataclass_fields__)})")
-            return cls(**dict(value))
-        raise ConfigError(f"tiles = {value!r}: give a tile size, a mapping of settings, or None")
+        return settings_of(cls, value, "tiles", "tiles", "setting", "give a tile size, a mapping of settings, or None",
+                           shorthand=lambda v: cls(size=v) if isinstance(v, int) else None)
 
 
 def tile_windows(height: int, width: int, size: int, overlap: float) -> list[Window]:

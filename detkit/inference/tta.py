@@ -15,7 +15,7 @@ Used by ``detkit eval --tta`` (the engine's validation, scored by the same evalu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detkit.errors import ConfigError
-from detkit.inference.merge import check_merge, mean_logits, merge_detections
+from detkit.inference.merge import check_merge, mean_logits, merge_detections, settings_of
 from detkit.models import Model
 
 
@@ -51,19 +51,7 @@ class TTA:
     @classmethod
     def of(cls, value: Any) -> TTA | None:
         """``True`` (the defaults), a mapping of settings, a TTA, or ``False``/``None`` (no TTA)."""
-        if value is None or value is False:
-            return None
-        if value is True:
-            return cls()
-        if isinstance(value, TTA):
-            return value
-        if isinstance(value, Mapping):
-            unknown = sorted(set(value) - set(cls.__dataclass_fields__))
-            if unknown:
-                raise ConfigError(f"eval.tta: unknown key {unknown[0]!r} (known: "
-                                  f"{', '.join(cls.__dataclass_fields__)})")
-            return cls(**dict(value))
-        raise ConfigError(f"tta = {value!r}: give true, false or a mapping of eval.tta settings")
+        return settings_of(cls, value, "eval.tta", "tta", "key", "give true, false or a mapping of eval.tta settings")
 
     @property
     def passes(self) -> list[tuple[float, bool]]:
