@@ -214,3 +214,62 @@ def test_timm_frozen_stages_for_nested_blocks():
 def test_regnet_invalid_design_points(params, message):
     with pytest.raises(ConfigError, match=message):
         build_backbone({"name": "regnet", "regnet": params})
+
+
+# ------------------------------------------------------------------------------------------------ taps
+def test_a_tap_ends_a_level_inside_a_block_with_the_same_features_as_running_the_block_in_parts():
+    """``model.backbone.taps`` (torchvision's SSDlite C4): the level ends at the tapped submodule, the features equal
+    the network's own intermediate output there, and the next level goes on from it to the same top map."""
+    torch.manual_seed(0)
+    plain = build_backbone("mobilenet_v3_large", out_levels=["c4", "c5"]).eval()
+    tapped = build_backbone("mobilenet_v3_large", out_levels=["c4", "c5"], taps={"c4": "features.13.block.0"}).eval()
+    tapped.load_state_dict(plain.state_dict())
+    assert tapped.out_channels == {"c4": 672, "c5": 960} and tapped.strides == {"c4": 16, "c5": 32}
+    x = torch.rand(1, 3, 96, 96)
+    with torch.no_grad():
+        a, b = plain(x), tapped(x)
+        net = plain.network
+        inside = net.features[13].block[0](a["c4"])
+    torch.testing.assert_close(b["c4"], inside)
+    torch.testing.assert_close(b["c5"], a["c5"])
+
+
+@pytest.mark.parametrize("taps, message", [
+    ({"c4": "features.12.block.0"}, "features.12 is not its children run in order"),  # a residual block
+    ({"c4": "features.13.block.1"}, "has stride 32, not 16"),
+    ({"c4": "features.99"}, "no such submodule"),
+    ({"c5": "features.13"}, "top level"),
+    ({"c9": "features.1"}, "has no level 'c9'"),
+    ({"c4": "features.4"}, "leaves a level"),
+])
+def test_a_tap_that_cannot_be_kept_is_one_line(taps, message):
+    with pytest.raises(ConfigError, match=message):
+        build_backbone("mobilenet_v3_large", out_levels=["c4", "c5"], taps=taps)
+
+
+def test_taps_and_normalisation_keys_are_checked():
+    with pytest.raises(ConfigError, match="taps are for the registry's backbones"):
+        build_backbone("tv:alexnet", taps={"c4": "features.5"})
+    with pytest.raises(ConfigError, match=r"model.backbone.mean = \[0.5, 0.5\]: expected 3 values"):
+        build_backbone("resnet18", mean=[0.5, 0.5])
+    assert build_backbone("resnet18", mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]).std == (0.25, 0.25, 0.25)
+
+
+def test_ssd_vgg16_is_torchvisions_extractor_and_says_when_the_input_is_too_small():
+    from torchvision.models import vgg16
+    from torchvision.models.detection.ssd import SSDFeatureExtractorVGG
+
+    torch.manual_seed(0)
+    backbone = build_backbone("ssd_vgg16", out_levels=["c3", "c4", "c5", "c6", "c7", "c8"]).eval()
+    tv = SSDFeatureExtractorVGG(vgg16().features, highres=False).eval()
+    tv.load_state_dict(backbone.network.state_dict())
+    x = torch.rand(1, 3, 300, 300)
+    with torch.no_grad():
+        ours, theirs = backbone(x), tv(x)
+    assert [tuple(v.shape[-2:]) for v in ours.values()] == [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
+    for a, b in zip(ours.values(), theirs.values()):
+        torch.testing.assert_close(a, b)
+    low = build_backbone("ssd_vgg16", out_levels=["c3", "c4"])
+    assert not hasattr(low.network.extra, "1") and low.out_channels == {"c3": 512, "c4": 1024}
+    with pytest.raises(ConfigError, match="too small for c8's valid 3x3 conv"):
+        backbone(torch.rand(1, 3, 200, 200))

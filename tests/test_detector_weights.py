@@ -8,9 +8,11 @@ import pytest
 import torch
 from torchvision.models import detection as tvd
 
+from conftest import ROOT
 from detkit import build_model, load_config
 from detkit.errors import PretrainedError
 from detkit.models import load_weights
+from detkit.models.weights import from_torchvision
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
@@ -55,14 +57,65 @@ def test_torchvision_detection_weights_give_torchvisions_detections(family, tmp_
             assert torch.equal(g["masks"], e["masks"][:, 0] > 0.5)
 
 
+SSD_FAMILIES = {  # torchvision builder, detkit config (its base), input size, the input normalisation it expects
+    "ssd300_vgg16": (tvd.ssd300_vgg16, "configs/_base_/models/ssd300_vgg16.yaml", 300),
+    "ssdlite320_mobilenet_v3_large": (tvd.ssdlite320_mobilenet_v3_large,
+                                      "configs/_base_/models/ssdlite_torchvision.yaml", 320),
+}
+
+
+@pytest.mark.parametrize("family", list(SSD_FAMILIES))
+def test_torchvision_ssd_weights_give_torchvisions_detections(family, tmp_path):
+    """torchvision's SSD300 (VGG-16 cut at its L2-normed conv4_3) and SSDlite (MobileNetV3 cut inside block 13)
+    state dicts load whole through ``model.weights`` into the shipped configs, with the COCO class rows kept by
+    name, and give torchvision's detections and losses."""
+    build, config, size = SSD_FAMILIES[family]
+    torch.manual_seed(0)
+    tv = build(weights=None, weights_backbone=None, num_classes=91)
+    for m in tv.modules():  # torchvision's init gives near-constant scores (ties ordered arbitrarily): spread them
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="linear")
+            if m.bias is not None:
+                torch.nn.init.normal_(m.bias, 0, 0.1)
+    tv.eval()
+    torch.save(tv.state_dict(), tmp_path / "w.pth")
+    from torchvision.models._meta import _COCO_CATEGORIES
+
+    classes = list(_COCO_CATEGORIES[1:])  # COCO's 90 ids ("N/A" among them): every row kept by name
+    model = build_model(load_config(ROOT / config, [f"model.num_classes={len(classes)}"])).eval()
+    report = load_weights(model, str(tmp_path / "w.pth"), classes, {name: i for i, name in enumerate(classes, 1)})
+    assert not report.missing and not report.skipped, (report.missing[:3], report.skipped[:3])
+    x = torch.rand(2, 3, size, size)  # torchvision resizes to a fixed square: at that size it is the identity
+    with torch.no_grad():
+        pixels = (x * 255).round()  # detkit normalises uint8 pixels with the config's mean and std itself
+        got = model.predict({"images": pixels.to(torch.uint8), "image_sizes": [(size, size)] * 2})
+        expected = tv(list(pixels / 255))
+    for e, g in zip(expected, got):
+        assert len(e["boxes"]) == len(g["boxes"]) > 10
+        order_e, order_g = e["scores"].argsort(descending=True), g["scores"].argsort(descending=True)
+        torch.testing.assert_close(g["scores"][order_g], e["scores"][order_e], atol=1e-4, rtol=0)
+        top = 10  # the best boxes are unambiguous (no score ties): the same boxes and labels
+        torch.testing.assert_close(g["boxes"][order_g][:top], e["boxes"][order_e][:top], atol=1e-2, rtol=0)
+        assert torch.equal(g["labels"][order_g][:top], e["labels"][order_e][:top])
+    # other classes: the class convs are rebuilt per anchor, "person" keeping COCO's person rows (label 1)
+    small = build_model(load_config(ROOT / config, ["model.num_classes=2"]))
+    report = load_weights(small, str(tmp_path / "w.pth"), ["pedestrian", "dog"], {"pedestrian": "person"})
+    assert report.class_rows == {"pedestrian": "person", "dog": "dog"} and report.reinitialised
+    key = next(k for k in report.reinitialised if k.endswith("weight"))
+    src, dst = from_torchvision(tv.state_dict(), "w.pth")[key], small.state_dict()[key]
+    anchors = dst.shape[0] // 3
+    assert src.shape[0] == anchors * 91
+    for a in range(anchors):
+        for j, i in ((0, 0), (1, 1), (2, 18)):  # background, person, dog (COCO id 18)
+            assert torch.equal(dst[a * 3 + j], src[a * 91 + i])
+
+
 @pytest.mark.parametrize("build, message", [
-    (tvd.ssd300_vgg16, "SSD300 / SSDlite weights are not mapped"),
-    (tvd.ssdlite320_mobilenet_v3_large, "SSD300 / SSDlite weights are not mapped"),
     (tvd.fasterrcnn_mobilenet_v3_large_fpn, "MobileNet-FPN detectors are not mapped"),
 ])
 def test_weights_of_backbones_cut_elsewhere_are_refused_in_one_line(build, message, tmp_path):
-    """torchvision's SSDs and MobileNet-FPN R-CNNs cut their backbones where detkit's levels have no point (SSD's
-    L2-normed conv4_3, SSDlite inside block 13, two stride-32 maps): one line, never a silent partial load."""
+    """torchvision's MobileNet-FPN R-CNNs read two maps at stride 32, where detkit's levels have one per stride:
+    one line, never a silent partial load."""
     torch.save(build(weights=None, weights_backbone=None).state_dict(), tmp_path / "w.pth")
     model = build_model(load_config(None, ["model.head.name=yolo_af", "model.num_classes=2"]))
     with pytest.raises(PretrainedError, match=message):

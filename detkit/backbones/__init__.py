@@ -4,7 +4,7 @@ Importing this package registers every family (ResNet, RegNet, EfficientNet, Mob
 names reach any timm model with ``features_only``.
 """
 
-from detkit.backbones import resnet, regnet, efficientnet, mobilenet  # noqa: F401, I001  (registration order = table order)
+from detkit.backbones import resnet, regnet, efficientnet, mobilenet, ssd_vgg  # noqa: F401, I001  (registration order = table order)
 from detkit.backbones.base import Backbone
 from detkit.backbones.registry import (
     BACKBONES,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -65,6 +65,89 @@ def split_by_stride(network: nn.Module, sequential: str, size: int = 64) -> Leve
     return plan
 
 
+def apply_taps(network: nn.Module, plan: LevelPlan, taps: Mapping[str, str], name: str = "",
+               size: int = 64) -> LevelPlan:
+    """The plan with level ``c_k`` ending at submodule ``taps[c_k]`` instead of at its last module
+    (``model.backbone.taps``, e.g. ``{c4: features.13.block.0}``: torchvision's SSDlite takes C4 at the expansion
+    conv inside the first stride-32 block). A tap inside a module of the plan splits that module into its
+    children, which is checked on a probe image to give the module's own output (no residual or other glue); the
+    tapped map must keep the level's stride. Every module up to the tap then belongs to ``c_k`` or below, every
+    one after it to the levels above."""
+    if not taps:
+        return plan
+    levels = [level for level, _ in plan]
+    flat = [(module, level) for level, names in plan for module in names]  # execution order
+    for level, tap in taps.items():
+        where = f"model.backbone.taps.{level} = {tap!r}"
+        if level not in levels:
+            raise ConfigError(f"{where}: {name} has no level {level!r} (it has {', '.join(levels)})")
+        if levels.index(level) == len(levels) - 1:
+            raise ConfigError(f"{where}: {level} is the top level of {name}; a tap ends a level below the top")
+        flat = _split_at(network, flat, str(tap), where, size)
+        at = next(i for i, (module, _) in enumerate(flat) if module == tap)
+        k, above = levels.index(level), levels[levels.index(level) + 1]
+        flat = [(m, level if i <= at and levels.index(lv) > k else above if i > at and levels.index(lv) <= k else lv)
+                for i, (m, lv) in enumerate(flat)]
+    new: LevelPlan = []
+    for module, level in flat:
+        if new and new[-1][0] == level:
+            new[-1][1].append(module)
+        else:
+            new.append((level, [module]))
+    if [level for level, _ in new] != levels:
+        raise ConfigError(f"model.backbone.taps = {dict(taps)}: leaves a level of {name} without modules (levels "
+                          f"{', '.join(levels)}); taps must keep every level")
+    _check_tap_strides(network, new, taps, size)
+    return new
+
+
+def _split_at(network: nn.Module, flat: list[tuple[str, str]], tap: str, where: str, size: int
+              ) -> list[tuple[str, str]]:
+    """``flat`` with the plan module containing ``tap`` replaced by its children, recursively down to ``tap``."""
+    modules = dict(network.named_modules())
+    if tap not in modules:
+        near = [n for n in modules if n and (n.startswith(tap.rsplit(".", 1)[0] + ".") or tap.startswith(n + "."))]
+        raise ConfigError(f"{where}: no such submodule (e.g. {', '.join(near[:6]) or 'none near it'})")
+    while not any(module == tap for module, _ in flat):
+        i = next((i for i, (module, _) in enumerate(flat) if tap.startswith(module + ".")), None)
+        if i is None:
+            raise ConfigError(f"{where}: the submodule is not on the backbone's path (a dropped head?)")
+        parent, level = flat[i]
+        children = [f"{parent}.{c}" for c, _ in modules[parent].named_children()]
+        p = next(network.parameters())  # a random image: zeros can hide a residual (x + f(x) == f(x) at x = 0)
+        x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(p)
+        was_training = network.training
+        network.eval()
+        with torch.no_grad():
+            for module, _ in flat[:i]:
+                x = modules[module](x)
+            whole, y = modules[parent](x), x
+            for child in children:
+                y = modules[child](y)
+        network.train(was_training)
+        # relative: an untrained network's activations can be tiny (1e-7) in eval mode
+        if not children or y.shape != whole.shape or (y - whole).abs().max() > 1e-4 * whole.abs().max():
+            raise ConfigError(f"{where}: {parent} is not its children run in order (a residual or other glue), so "
+                              f"it cannot be cut inside")
+        flat = flat[:i] + [(child, level) for child in children] + flat[i + 1:]
+    return flat
+
+
+def _check_tap_strides(network: nn.Module, plan: LevelPlan, taps: Mapping[str, str], size: int) -> None:
+    x = _probe_input(network, size)
+    was_training = network.training
+    network.eval()
+    with torch.no_grad():
+        for level, names in plan:
+            for module in names:
+                x = network.get_submodule(module)(x)
+            if level in taps and level_name(size // x.shape[-1]) != level:
+                network.train(was_training)
+                raise ConfigError(f"model.backbone.taps.{level} = {taps[level]!r}: that map has stride "
+                                  f"{size // x.shape[-1]}, not {2 ** int(level[1:])} as {level} must")
+    network.train(was_training)
+
+
 def _convert_norm(network: nn.Module, norm: str) -> nn.Module:
     if norm == "bn":
         return network
@@ -90,6 +173,7 @@ class Backbone(nn.Module):
             norm layers in eval mode. 0 = none; ``len(plan)`` = all.
         norm: ``bn`` | ``frozen_bn`` (BatchNorm as a fixed affine map) | ``sync_bn`` (for DDP).
         mean, std: the input normalisation the network's weights expect (RGB in [0, 1]).
+        taps: ``{level: submodule}``: end a level at that submodule (:func:`apply_taps`).
     """
 
     def __init__(
@@ -105,9 +189,11 @@ class Backbone(nn.Module):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         recommended_resolution: int = 224,
+        taps: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.name = name
+        plan = apply_taps(network, plan, taps or {}, name)
         self.levels = [level for level, _ in plan]
         out_levels = list(out_levels)
         check_levels(name, out_levels, self.levels)

@@ -36,6 +36,8 @@ class BackboneSpec:
     torchvision_weights: str | None = None  # torchvision model name whose weights enum gives named weights
     resolution: Callable[[Any], int] = lambda cfg: 224
     preset: bool = True  # a fixed network (listed by `detkit backbones`), not a parametric family
+    # a network whose levels are not a run of submodules (SSD's L2-normed conv4_3): its own builder, cfg -> backbone
+    build: Callable[[Any], nn.Module] | None = None
 
 
 class BackboneContract(Protocol):
@@ -95,12 +97,24 @@ def build_backbone(cfg: BackboneConfig | DictConfig | Mapping | str | None = Non
     Keyword arguments override config keys: ``build_backbone("resnet50", out_levels=["c3", "c4", "c5"])``.
     """
     cfg = _as_config(cfg, overrides)
+    for key in ("mean", "std"):
+        if cfg[key] is not None and len(cfg[key]) != 3:
+            raise ConfigError(f"model.backbone.{key} = {list(cfg[key])}: expected 3 values (R, G, B in [0, 1] units)")
     if cfg.name.startswith((TIMM_PREFIX, TV_PREFIX)):  # prefix families: timm:<model>, tv:<model>
         if cfg.drop_path is not None and cfg.name.startswith(TV_PREFIX):
             raise ConfigError(f"model.backbone.drop_path: {cfg.name}: pass the model's own argument in "
                               f"model.backbone.kwargs (e.g. stochastic_depth_prob for ConvNeXt)")
-        return BACKBONES.check(cfg.name, set_bn_momentum(BACKBONES.get(cfg.name)(cfg), cfg.bn_momentum))
+        if cfg.taps:
+            raise ConfigError(f"model.backbone.taps: {cfg.name}: taps are for the registry's backbones (see `detkit "
+                              f"backbones`), whose levels are runs of submodules")
+        backbone = BACKBONES.get(cfg.name)(cfg)
+        return BACKBONES.check(cfg.name, set_bn_momentum(set_normalisation(backbone, cfg), cfg.bn_momentum))
     spec = get_spec(cfg.name)
+    if spec.build is not None:
+        if cfg.taps or cfg.drop_path is not None:
+            raise ConfigError(f"model.backbone: {cfg.name} takes neither taps nor drop_path")
+        backbone = spec.build(cfg)
+        return BACKBONES.check(cfg.name, set_bn_momentum(set_normalisation(backbone, cfg), cfg.bn_momentum))
     if cfg.drop_path is not None and spec.family != "efficientnet":
         raise ConfigError(f"model.backbone.drop_path = {cfg.drop_path}: {cfg.name} has no stochastic depth "
                           f"(EfficientNet and timm models have)")
@@ -116,12 +130,23 @@ def build_backbone(cfg: BackboneConfig | DictConfig | Mapping | str | None = Non
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         recommended_resolution=spec.resolution(cfg),
+        taps=dict(cfg.taps),
     )
+    set_normalisation(backbone, cfg)
     if cfg.pretrained:
         state, source = _pretrained_state(spec, cfg.pretrained)
         dropped = tuple(f"{n}." for n in backbone.dropped)
         load_into(backbone.network, state, source=source, name=cfg.name, ignored_prefixes=dropped)
     return BACKBONES.check(cfg.name, set_bn_momentum(backbone, cfg.bn_momentum))
+
+
+def set_normalisation(backbone: nn.Module, cfg: DictConfig) -> nn.Module:
+    """``model.backbone.mean`` / ``std`` (when set) replace the backbone's own input normalisation."""
+    if cfg.mean is not None:
+        backbone.mean = tuple(float(v) for v in cfg.mean)
+    if cfg.std is not None:
+        backbone.std = tuple(float(v) for v in cfg.std)
+    return backbone
 
 
 def set_bn_momentum(module: nn.Module, momentum: float | None) -> nn.Module:

@@ -89,6 +89,13 @@ class BackboneConfig:
     anynet: AnyNetParams = field(default_factory=AnyNetParams)
     efficientnet: EfficientNetParams = field(default_factory=EfficientNetParams)
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # {level: submodule}: end a level at that submodule instead of the last one at its stride (e.g. torchvision's
+    # SSDlite: {c4: features.13.block.0}); registry backbones (detkit/backbones/base.py: apply_taps)
+    taps: dict[str, str] = field(default_factory=dict)
+    # the input normalisation the weights expect, RGB in [0, 1] units (null: the backbone's own, ImageNet's for
+    # most; torchvision's SSDlite uses 0.5 / 0.5, its SSD300 ImageNet's mean and std 1/255)
+    mean: list[float] | None = None
+    std: list[float] | None = ranged(None, gt=0)
 
 
 @dataclass

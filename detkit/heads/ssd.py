@@ -304,6 +304,28 @@ def check_params(p: SSDParams, n: int, extra: list[int]) -> None:
                           f"(x, y, w, h), e.g. [10, 10, 5, 5]")
 
 
+def from_torchvision_ssd(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """torchvision's ``ssd300_vgg16`` or ``ssdlite320_mobilenet_v3_large`` state dict under detkit's keys.
+
+    SSD300 (it has ``backbone.scale_weight``): ``backbone.*`` -> ``backbone.network.*`` (the ``ssd_vgg16`` backbone
+    is torchvision's extractor), ``head.*`` -> ``head.predictor.*`` (torchvision's ``SSDHead``). SSDlite:
+    :func:`from_torchvision_ssdlite`, with the block torchvision cuts inside read from the keys."""
+    if "backbone.scale_weight" in state_dict:
+        out = {}
+        for key, value in state_dict.items():
+            if key.startswith("backbone."):
+                out["backbone.network." + key[len("backbone."):]] = value
+            elif key.startswith("head."):
+                out["head.predictor." + key[len("head."):]] = value
+            else:
+                raise KeyError(f"unexpected torchvision key {key!r}")
+        return out
+    blocks = [int(k.split(".")[3]) for k in state_dict if k.startswith("backbone.features.0.")]
+    if not blocks:
+        raise KeyError("neither torchvision's SSD300 (backbone.scale_weight) nor its SSDlite (backbone.features.0.*)")
+    return from_torchvision_ssdlite(state_dict, max(blocks))
+
+
 def from_torchvision_ssdlite(state_dict: Mapping[str, Tensor], c4_block: int = 13) -> dict[str, Tensor]:
     """Rename torchvision's ``ssdlite320_mobilenet_v3_large`` state dict to a detkit model with the same network.
 

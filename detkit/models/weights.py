@@ -41,6 +41,8 @@ CLASS_LAYERS = (
     (re.compile(r"roi_heads\.mask_predictor\.mask_fcn_logits\.(weight|bias)$"), 1, True),
     (re.compile(r"classification_head\.cls_logits\.(weight|bias)$"), 1, True),  # RetinaNet, FCOS
     (re.compile(r"^head\.cls\.\d+\.2\.(weight|bias)$"), 1, False),  # detkit's anchor-free YOLO-style head
+    # SSD300 (the conv itself) and SSDlite (the 1x1 after the depthwise conv): (anchors x classes) outputs
+    (re.compile(r"^head\.predictor\.classification_head\.module_list\.\d+\.(1\.)?(weight|bias)$"), 1, True),
 )
 
 
@@ -66,18 +68,24 @@ class WeightsReport:
         return asdict(self)
 
 
-def refuse_unmapped(state: Mapping[str, Tensor], source: str) -> None:
-    """torchvision detectors whose backbone taps detkit's level plans cannot express: one line, not a partial load."""
+def from_torchvision(state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    """Any torchvision detection state dict under detkit's keys: the SSDs through
+    :func:`detkit.heads.ssd.from_torchvision_ssd` (``configs/_base_/models/ssd300_vgg16.yaml``,
+    ``ssdlite_torchvision.yaml``), the others through :func:`torchvision_to_detkit`. The MobileNet-FPN R-CNNs are
+    refused in one line: their FPN reads two maps at stride 32, where detkit has one level per stride."""
     keys = list(state)
-    if any(k.startswith("backbone.extra.") or k.startswith("head.classification_head.module_list.") for k in keys):
-        raise PretrainedError(f"model.weights = {source}: torchvision's SSD300 / SSDlite weights are not mapped "
-                              f"(their backbones are cut at points detkit's levels do not have: VGG's conv4_3 with "
-                              f"L2 norm, MobileNetV3 inside block 13); start from ImageNet backbone weights "
-                              f"(model.backbone.pretrained) instead")
+    if any(k.startswith("head.classification_head.module_list.") for k in keys):
+        from detkit.heads.ssd import from_torchvision_ssd
+
+        try:
+            return from_torchvision_ssd(state)
+        except (KeyError, ValueError, IndexError) as e:
+            raise PretrainedError(f"model.weights = {source}: looks like a torchvision SSD but {e}") from None
     if any(re.match(r"backbone\.body\.\d+\.", k) for k in keys) and any(k.startswith("backbone.fpn.") for k in keys):
         raise PretrainedError(f"model.weights = {source}: torchvision's MobileNet-FPN detectors are not mapped (their "
                               f"FPN reads two maps at stride 32, where detkit has one level per stride); start from "
                               f"ImageNet MobileNetV3 (model.backbone.pretrained) or the ResNet-50-FPN weights")
+    return torchvision_to_detkit(state)
 
 
 def torchvision_to_detkit(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -116,8 +124,7 @@ def read_source(spec: str) -> tuple[dict[str, Tensor], list[str] | None, str]:
                 data = data[key]
         if not isinstance(data, Mapping) or not all(isinstance(v, Tensor) for v in data.values()):
             raise PretrainedError(f"model.weights = {spec}: not a state dict (a mapping of names to tensors)")
-        refuse_unmapped(data, spec)
-        state = torchvision_to_detkit(data)
+        state = from_torchvision(data, spec)
         return state, _coco_names(state), str(path)
     return _named(spec)
 
@@ -144,8 +151,7 @@ def _named(spec: str) -> tuple[dict[str, Tensor], list[str] | None, str]:
 
     state = fetch_named("model.weights", spec, lambda: weights.get_state_dict(progress=False, check_hash=True))
     categories = weights.meta.get("categories")
-    refuse_unmapped(state, spec)
-    state = torchvision_to_detkit(state)
+    state = from_torchvision(state, spec)
     return state, list(categories[1:]) if categories else _coco_names(state), f"torchvision {spec}"
 
 
