@@ -273,3 +273,23 @@ def test_ssd_vgg16_is_torchvisions_extractor_and_says_when_the_input_is_too_smal
     assert not hasattr(low.network.extra, "1") and low.out_channels == {"c3": 512, "c4": 1024}
     with pytest.raises(ConfigError, match="too small for c8's valid 3x3 conv"):
         backbone(torch.rand(1, 3, 200, 200))
+
+
+def test_a_tagged_tap_adds_a_second_map_at_a_levels_stride():
+    """``taps: {c5_mid: features.13}``: torchvision's MobileNet FPN reads the maps after blocks 13 and 16, both at
+    stride 32; the tagged level is the first, c5 goes on from it."""
+    torch.manual_seed(0)
+    plain = build_backbone("mobilenet_v3_large", out_levels=["c5"]).eval()
+    tapped = build_backbone("mobilenet_v3_large", out_levels=["c5_mid", "c5"], taps={"c5_mid": "features.13"}).eval()
+    tapped.load_state_dict(plain.state_dict())
+    assert tapped.out_channels == {"c5_mid": 160, "c5": 960} and tapped.strides == {"c5_mid": 32, "c5": 32}
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        out = tapped(x)
+        mid = plain.network.features[:14](x)
+    torch.testing.assert_close(out["c5_mid"], mid)
+    torch.testing.assert_close(out["c5"], plain(x)["c5"])
+    with pytest.raises(ConfigError, match="is in level c4, not inside c5"):
+        build_backbone("mobilenet_v3_large", out_levels=["c5_mid", "c5"], taps={"c5_mid": "features.12"})
+    with pytest.raises(ConfigError, match="no level 'c7' to tap inside"):
+        build_backbone("mobilenet_v3_large", taps={"c7_mid": "features.13"})

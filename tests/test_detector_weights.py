@@ -10,7 +10,6 @@ from torchvision.models import detection as tvd
 
 from conftest import ROOT
 from detkit import build_model, load_config
-from detkit.errors import PretrainedError
 from detkit.models import load_weights
 from detkit.models.weights import from_torchvision
 
@@ -18,6 +17,7 @@ MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
 R50_FPN = ["model.backbone.name=resnet50", "model.backbone.norm=bn", "model.backbone.out_levels=[c2,c3,c4,c5]",
            "model.neck.levels=[p2,p3,p4,p5,p6]", "model.neck.extra_op=maxpool", "model.num_classes=90"]
+MOBILENET_FPN = ROOT / "configs/_base_/models/faster_rcnn_mobilenet_v3_fpn.yaml"
 LOW = "box_score_thresh: 0.0, box_detections_per_img: 50"
 FAMILIES = {
     "fasterrcnn_resnet50_fpn": (tvd.fasterrcnn_resnet50_fpn, [*R50_FPN, f"model.head.params={{{LOW}}}"]),
@@ -29,6 +29,12 @@ FAMILIES = {
     "maskrcnn_resnet50_fpn_v2": (tvd.maskrcnn_resnet50_fpn_v2, [
         *R50_FPN, "model.neck.norm=bn", "model.head.name=mask_rcnn",
         f"model.head.params={{{LOW}, box_head: conv, box_head_convs: 4, rpn_conv_depth: 2, mask_head_norm: bn}}"]),
+    # two maps at stride 32 (after blocks 13 and 16): the shipped config taps the first as c5_mid
+    "fasterrcnn_mobilenet_v3_large_fpn": (tvd.fasterrcnn_mobilenet_v3_large_fpn, [
+        f"--config={MOBILENET_FPN}", "model.num_classes=90", f"model.head.params={{{LOW}}}"]),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": (tvd.fasterrcnn_mobilenet_v3_large_320_fpn, [
+        f"--config={MOBILENET_FPN}", "model.num_classes=90",
+        f"model.head.params={{{LOW}, rpn_pre_nms_top_n_test: 150, rpn_post_nms_top_n_test: 150}}"]),
 }
 
 
@@ -38,8 +44,16 @@ def test_torchvision_detection_weights_give_torchvisions_detections(family, tmp_
     torch.manual_seed(0)
     kwargs = {"box_score_thresh": 0.0, "box_detections_per_img": 50}
     tv = build(weights=None, weights_backbone=None, min_size=320, max_size=320, **kwargs).eval()
+    config = next((o.split("=", 1)[1] for o in overrides if o.startswith("--config=")), None)
+    overrides = [o for o in overrides if not o.startswith("--config=")]
+    if config:  # MobileNet's untrained scores tie (their order is arbitrary): spread the weights
+        for m in tv.modules():
+            if isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
+                torch.nn.init.normal_(m.weight, 0, 1 / m.weight[0].numel() ** 0.5)
+                if m.bias is not None:
+                    torch.nn.init.normal_(m.bias, 0, 0.1)
     torch.save(tv.state_dict(), tmp_path / "w.pth")
-    model = build_model(load_config(None, overrides)).eval()
+    model = build_model(load_config(config, overrides)).eval()
     classes = [f"class{i}" for i in range(1, 91)]
     # the file's class rows are COCO's 91 outputs (10 unused "N/A" ids): keep each row by its label
     report = load_weights(model, str(tmp_path / "w.pth"), classes, {name: i for i, name in enumerate(classes, 1)})
@@ -50,11 +64,21 @@ def test_torchvision_detection_weights_give_torchvisions_detections(family, tmp_
         got = model((x - MEAN) / STD)
     for e, g in zip(expected, got):
         assert len(e["boxes"]) == len(g["boxes"]) > 10
-        torch.testing.assert_close(g["boxes"], e["boxes"], atol=1e-3, rtol=0)
+        if config:  # many RoIs of an untrained MobileNet score alike: ties come in any order, compare as sets
+            e, g = _canonical(e), _canonical(g)
+        torch.testing.assert_close(g["boxes"], e["boxes"], atol=5e-2 if config else 1e-3, rtol=0)  # px, at 320 px
         torch.testing.assert_close(g["scores"], e["scores"], atol=1e-4, rtol=0)
         assert torch.equal(g["labels"], e["labels"])
         if "masks" in e:  # torchvision: N x 1 x H x W probabilities; detkit: thresholded at 0.5
             assert torch.equal(g["masks"], e["masks"][:, 0] > 0.5)
+
+
+def _canonical(det: dict) -> dict:
+    """Detections ordered by (score to 1e-5, label, box to the pixel): detections of equal score in a fixed order."""
+    keys = [(-round(score * 1e5), label, *(round(v) for v in box))
+            for score, label, box in zip(det["scores"].tolist(), det["labels"].tolist(), det["boxes"].tolist())]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return {k: v[order] for k, v in det.items()}
 
 
 SSD_FAMILIES = {  # torchvision builder, detkit config (its base), input size, the input normalisation it expects
@@ -108,15 +132,3 @@ def test_torchvision_ssd_weights_give_torchvisions_detections(family, tmp_path):
     for a in range(anchors):
         for j, i in ((0, 0), (1, 1), (2, 18)):  # background, person, dog (COCO id 18)
             assert torch.equal(dst[a * 3 + j], src[a * 91 + i])
-
-
-@pytest.mark.parametrize("build, message", [
-    (tvd.fasterrcnn_mobilenet_v3_large_fpn, "MobileNet-FPN detectors are not mapped"),
-])
-def test_weights_of_backbones_cut_elsewhere_are_refused_in_one_line(build, message, tmp_path):
-    """torchvision's MobileNet-FPN R-CNNs read two maps at stride 32, where detkit's levels have one per stride:
-    one line, never a silent partial load."""
-    torch.save(build(weights=None, weights_backbone=None).state_dict(), tmp_path / "w.pth")
-    model = build_model(load_config(None, ["model.head.name=yolo_af", "model.num_classes=2"]))
-    with pytest.raises(PretrainedError, match=message):
-        load_weights(model, str(tmp_path / "w.pth"), ["a", "b"])

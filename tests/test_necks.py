@@ -82,3 +82,16 @@ def test_build_neck_from_config():
     neck = build_neck(cfg.model.neck, backbone.out_channels, backbone.strides)
     assert isinstance(neck, PAN) and neck.out_channels == 24 and neck.levels == ["p3", "p4", "p5", "p6"]
     assert build_neck(load_config(None, ["model.neck.name=none"]).model.neck, backbone.out_channels) is None
+
+
+def test_fpn_reads_two_maps_at_one_stride_as_torchvisions_mobilenet_fpn():
+    """Levels p5_mid, p5 (both stride 32, from the backbone's c5_mid and c5) and p6 by max-pooling: torchvision's
+    FeaturePyramidNetwork over the two maps in the backbone's order, the strides as the backbone declares them."""
+    from detkit.necks.fpn import FPN
+
+    fpn = FPN({"c5_mid": 160, "c5": 960}, {"c5_mid": 32, "c5": 32}, 64, ["p5_mid", "p5", "p6"], extra_op="maxpool")
+    assert fpn.in_levels == ["c5_mid", "c5"] and fpn.strides == {"p5_mid": 32, "p5": 32, "p6": 64}
+    out = fpn({"c5_mid": torch.rand(1, 160, 4, 4), "c5": torch.rand(1, 960, 4, 4)})
+    assert [(k, tuple(v.shape[-2:])) for k, v in out.items()] == [("p5_mid", (4, 4)), ("p5", (4, 4)), ("p6", (2, 2))]
+    with pytest.raises(ConfigError, match="p5_mid needs backbone level c5_mid"):
+        FPN({"c4": 16, "c5": 32}, None, 64, ["p5_mid", "p5"])

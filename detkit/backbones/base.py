@@ -11,6 +11,7 @@ asked for are dropped.
 from __future__ import annotations
 
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -79,8 +80,21 @@ def apply_taps(network: nn.Module, plan: LevelPlan, taps: Mapping[str, str], nam
     flat = [(module, level) for level, names in plan for module in names]  # execution order
     for level, tap in taps.items():
         where = f"model.backbone.taps.{level} = {tap!r}"
+        tagged = re.fullmatch(r"(c\d+)_\w+", level)
+        if tagged:  # a second map at the stride of an existing level (torchvision's MobileNet FPN: c5_mid)
+            base = tagged.group(1)
+            if base not in levels:
+                raise ConfigError(f"{where}: {name} has no level {base!r} to tap inside (it has {', '.join(levels)})")
+            flat = _split_at(network, flat, str(tap), where, size)
+            at = next(i for i, (module, _) in enumerate(flat) if module == tap)
+            if flat[at][1] != base:
+                raise ConfigError(f"{where}: the submodule is in level {flat[at][1]}, not inside {base}")
+            flat = [(m, level if i <= at and lv == base else lv) for i, (m, lv) in enumerate(flat)]
+            levels.insert(levels.index(base), level)
+            continue
         if level not in levels:
-            raise ConfigError(f"{where}: {name} has no level {level!r} (it has {', '.join(levels)})")
+            raise ConfigError(f"{where}: {name} has no level {level!r} (it has {', '.join(levels)}; a second map at "
+                              f"a level's stride is named like c5_mid)")
         if levels.index(level) == len(levels) - 1:
             raise ConfigError(f"{where}: {level} is the top level of {name}; a tap ends a level below the top")
         flat = _split_at(network, flat, str(tap), where, size)
@@ -141,10 +155,11 @@ def _check_tap_strides(network: nn.Module, plan: LevelPlan, taps: Mapping[str, s
         for level, names in plan:
             for module in names:
                 x = network.get_submodule(module)(x)
-            if level in taps and level_name(size // x.shape[-1]) != level:
+            base = level.split("_")[0]  # c5_mid: a map at c5's stride
+            if level in taps and level_name(size // x.shape[-1]) != base:
                 network.train(was_training)
                 raise ConfigError(f"model.backbone.taps.{level} = {taps[level]!r}: that map has stride "
-                                  f"{size // x.shape[-1]}, not {2 ** int(level[1:])} as {level} must")
+                                  f"{size // x.shape[-1]}, not {2 ** int(base[1:])} as {level} must")
     network.train(was_training)
 
 

@@ -71,8 +71,8 @@ class WeightsReport:
 def from_torchvision(state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
     """Any torchvision detection state dict under detkit's keys: the SSDs through
     :func:`detkit.heads.ssd.from_torchvision_ssd` (``configs/_base_/models/ssd300_vgg16.yaml``,
-    ``ssdlite_torchvision.yaml``), the others through :func:`torchvision_to_detkit`. The MobileNet-FPN R-CNNs are
-    refused in one line: their FPN reads two maps at stride 32, where detkit has one level per stride."""
+    ``ssdlite_torchvision.yaml``), the others through :func:`torchvision_to_detkit` (the MobileNetV3-FPN R-CNNs
+    into ``faster_rcnn_mobilenet_v3_fpn.yaml``, whose backbone taps a second stride-32 map)."""
     keys = list(state)
     if any(k.startswith("head.classification_head.module_list.") for k in keys):
         from detkit.heads.ssd import from_torchvision_ssd
@@ -81,10 +81,6 @@ def from_torchvision(state: Mapping[str, Tensor], source: str) -> dict[str, Tens
             return from_torchvision_ssd(state)
         except (KeyError, ValueError, IndexError) as e:
             raise PretrainedError(f"model.weights = {source}: looks like a torchvision SSD but {e}") from None
-    if any(re.match(r"backbone\.body\.\d+\.", k) for k in keys) and any(k.startswith("backbone.fpn.") for k in keys):
-        raise PretrainedError(f"model.weights = {source}: torchvision's MobileNet-FPN detectors are not mapped (their "
-                              f"FPN reads two maps at stride 32, where detkit has one level per stride); start from "
-                              f"ImageNet MobileNetV3 (model.backbone.pretrained) or the ResNet-50-FPN weights")
     return torchvision_to_detkit(state)
 
 

@@ -13,6 +13,7 @@ FPN's convs (torchvision's ``*_v2`` detectors).
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
@@ -30,9 +31,11 @@ NORMS = {"none": None, "bn": nn.BatchNorm2d}
 
 
 def _index(level: str, prefix: str) -> int:
-    if len(level) < 2 or level[0] != prefix or not level[1:].isdigit():
+    """``p5`` -> 5; a tapped level's tag is allowed (``p5_mid``: a second map at stride 32, model.backbone.taps)."""
+    m = re.fullmatch(rf"{prefix}(\d+)(_\w+)?", level)
+    if m is None:
         raise ConfigError(f"model.neck.levels: bad level {level!r} (expected names like {prefix}3, {prefix}4, ...)")
-    return int(level[1:])
+    return int(m.group(1))
 
 
 class ExtraLevels(ExtraFPNBlock):
@@ -95,27 +98,28 @@ class FPN(nn.Module):
             raise ConfigError(f"model.neck.norm = {norm!r}: expected one of {', '.join(NORMS)}")
         if not levels:
             raise ConfigError("model.neck.levels is empty: name the pyramid levels, e.g. [p3, p4, p5, p6, p7]")
-        ks = sorted(_index(level, "p") for level in levels)
+        ks = sorted({_index(level, "p") for level in levels})
         if ks != list(range(ks[0], ks[-1] + 1)):
             raise ConfigError(f"model.neck.levels = {list(levels)}: levels must be consecutive, e.g. p3..p7")
-        available = {_index(level, "c"): ch for level, ch in in_channels.items()}
-        top_c = max(available)
-        self.in_levels = [f"c{k}" for k in ks if k <= top_c]
-        for level in self.in_levels:
-            if int(level[1:]) not in available:
-                have = ", ".join(sorted(in_channels, key=lambda s: int(s[1:])))
-                raise ConfigError(
-                    f"model.neck.levels: p{level[1:]} needs backbone level {level} (backbone out_levels: {have})"
-                )
+        top_c = max(_index(level, "c") for level in in_channels)
+        have = ", ".join(in_channels)
+        for level in levels:  # every level up to the backbone's top comes from a backbone level of the same name
+            if _index(level, "p") <= top_c and f"c{level[1:]}" not in in_channels:
+                raise ConfigError(f"model.neck.levels: {level} needs backbone level c{level[1:]} (backbone "
+                                  f"out_levels: {have})")
+        wanted = {f"c{level[1:]}" for level in levels}
+        self.in_levels = [c for c in in_channels if c in wanted]  # the backbone's order (a tapped c5_mid before c5)
         if not self.in_levels:
             raise ConfigError(
                 f"model.neck.levels = {list(levels)}: the lowest level must come from the backbone "
                 f"(its top level is c{top_c})"
             )
         extra = [f"p{k}" for k in ks if k > top_c]
-        self.levels = [f"p{k}" for k in ks]
+        self.levels = [f"p{c[1:]}" for c in self.in_levels] + extra
         self.out_channels = int(out_channels)
-        self.strides = {f"p{k}": 2**k for k in ks}
+        self.strides = {f"p{c[1:]}": int(in_strides[c]) if in_strides else 2 ** _index(c, "c")
+                        for c in self.in_levels}
+        self.strides.update({level: 2 ** _index(level, "p") for level in extra})
         extra_block = (
             ExtraLevels(len(extra), in_channels[self.in_levels[-1]], out_channels, extra, extra_op, extra_from)
             if extra else None
