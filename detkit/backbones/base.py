@@ -176,7 +176,20 @@ def _convert_norm(network: nn.Module, norm: str) -> nn.Module:
     raise ConfigError(f"model.backbone.norm = {norm!r}: expected one of {', '.join(NORMS)}")
 
 
-class Backbone(nn.Module):
+class FrozenStagesModule(nn.Module):
+    """Base of every backbone class: ``train()`` keeps the modules of frozen stages (``self._frozen``) in eval
+    mode, so their norm layers keep their running statistics."""
+
+    _frozen: list[nn.Module]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in getattr(self, "_frozen", []):
+            module.eval()
+        return self
+
+
+class Backbone(FrozenStagesModule):
     """A network split into levels. See the module docstring for the contract.
 
     Args:
@@ -253,12 +266,6 @@ class Backbone(nn.Module):
             if level in self.out_levels:
                 feats[level] = x
         return feats
-
-    def train(self, mode: bool = True) -> Backbone:
-        super().train(mode)
-        for module in self._frozen:  # frozen stages keep their running statistics
-            module.eval()
-        return self
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, out_levels={self.out_levels}, frozen_stages={self.frozen_stages}"

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detkit.backbones.base import _convert_norm, check_frozen_stages, check_levels
+from detkit.backbones.base import FrozenStagesModule, _convert_norm, check_frozen_stages, check_levels
 from detkit.backbones.registry import BackboneSpec, register
 from detkit.errors import ConfigError
 
@@ -38,7 +38,7 @@ MEAN = (0.48235, 0.45882, 0.40784)
 STD = (1.0 / 255.0,) * 3
 
 
-class SSDVGG16(nn.Module):
+class SSDVGG16(FrozenStagesModule):
     """See the module docstring. ``frozen_stages`` counts levels from c3 (1: VGG up to conv4_3)."""
 
     def __init__(self, out_levels, *, frozen_stages: int = 0, norm: str = "bn", kwargs: dict | None = None) -> None:
@@ -85,11 +85,6 @@ class SSDVGG16(nn.Module):
                 feats[level] = x
         return feats
 
-    def train(self, mode: bool = True) -> SSDVGG16:
-        super().train(mode)
-        for module in getattr(self, "_frozen", []):
-            module.eval()
-        return self
 
     def extra_repr(self) -> str:
         return f"out_levels={self.out_levels}, frozen_stages={self.frozen_stages}"

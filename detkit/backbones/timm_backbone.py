@@ -11,7 +11,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from detkit.backbones.base import _convert_norm, check_frozen_stages, check_levels, level_name
+from detkit.backbones.base import FrozenStagesModule, _convert_norm, check_frozen_stages, check_levels, level_name
 from detkit.backbones.pretrained import (
     fetch_named,
     host_reachable,
@@ -73,7 +73,7 @@ def timm_resolution(model_name: str) -> int:
     return int(size[-1]) if size else 224
 
 
-class TimmBackbone(nn.Module):
+class TimmBackbone(FrozenStagesModule):
     """A timm ``features_only`` network keyed by level."""
 
     def __init__(self, model_name: str, out_levels, *, frozen_stages: int = 0, norm: str = "bn",
@@ -133,11 +133,6 @@ class TimmBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         return OrderedDict(zip(self.out_levels, self.network(x)))
 
-    def train(self, mode: bool = True) -> TimmBackbone:
-        super().train(mode)
-        for module in getattr(self, "_frozen", []):
-            module.eval()
-        return self
 
 
 def build_timm_backbone(cfg) -> TimmBackbone:

@@ -21,7 +21,14 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from detkit.backbones.base import IMAGENET_MEAN, IMAGENET_STD, _convert_norm, check_frozen_stages, check_levels
+from detkit.backbones.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FrozenStagesModule,
+    _convert_norm,
+    check_frozen_stages,
+    check_levels,
+)
 from detkit.errors import ConfigError
 
 PREFIX = "tv:"
@@ -65,7 +72,7 @@ def find_levels(network: nn.Module, size: int = PROBE) -> tuple[dict[str, str], 
     return dict(sorted(levels.items(), key=lambda kv: int(kv[0][1:]))), channels
 
 
-class TorchvisionBackbone(nn.Module):
+class TorchvisionBackbone(FrozenStagesModule):
     """A torchvision classification network's stage outputs keyed by level."""
 
     def __init__(self, name: str, out_levels, *, frozen_stages: int = 0, norm: str = "bn",
@@ -112,11 +119,6 @@ class TorchvisionBackbone(nn.Module):
         out = self.network(x)
         return OrderedDict((level, out[level]) for level in self.out_levels)
 
-    def train(self, mode: bool = True) -> TorchvisionBackbone:
-        super().train(mode)
-        for module in getattr(self, "_frozen", []):
-            module.eval()
-        return self
 
 
 def build_torchvision_backbone(cfg) -> TorchvisionBackbone:
