@@ -80,12 +80,14 @@ def detkit_row(args: argparse.Namespace, name: str, work: Path) -> dict[str, Any
     steps = int(ckpt["global_step"])
     batches = int(ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"])
     per_epoch = -(-_train_images(cfg) // int(cfg.data.batch_size))
+    record = run / "budget.json"  # the plan next to what the run took (detkit's own count, inside `detkit train`)
+    used = json.loads(record.read_text())["used"] if record.is_file() else None
     epochs = int(ckpt["epoch"]) + batches / per_epoch
     return {"row": name, "model": f"detkit {head} {cfg.model.backbone.name}", "config": str(config),
             "overrides": overrides, "AP": metrics.get("bbox_AP"), "AP50": metrics.get("bbox_AP50"),
             "AP75": metrics.get("bbox_AP75"), "epochs": round(epochs, 1), "steps": steps,
-            "planned_steps": cfg.train.total_steps, "images_per_s": round(steps * cfg.data.batch_size / wall, 1),
-            "wall_s": round(wall, 1), "run": str(run)}
+            "planned_steps": cfg.train.total_steps, "budget_used": used,
+            "images_per_s": round(steps * cfg.data.batch_size / wall, 1), "wall_s": round(wall, 1), "run": str(run)}
 
 
 def run_wall(run: Path) -> float:
@@ -178,9 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         yvu.write_json(out, report)
         print(json.dumps(row), flush=True)
     rows = list(report["rows"].values())
-    yvu.print_table(["model", "row", "AP", "AP50", "AP75", "epochs", "img/s", "wall min"],
+    yvu.print_table(["model", "row", "AP", "AP50", "AP75", "epochs", "img/s", "wall min", "budget used"],
                     [[r["model"], r["row"], yvu._f(r["AP"]), yvu._f(r["AP50"]), yvu._f(r["AP75"]), r.get("epochs"),
-                      r.get("images_per_s"), f"{r['wall_s'] / 60:.1f}"] for r in rows],
+                      r.get("images_per_s"), f"{r['wall_s'] / 60:.1f}",
+                      f"{r['budget_used']:.0%}" if r.get("budget_used") else "-"] for r in rows],
                     f"{args.dataset} @ {args.image_size} px, {args.budget} each, scored by detkit's evaluator")
     print(f"report: {out}")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import lightning as L
@@ -45,6 +46,9 @@ def test_the_planned_step_count_is_recorded_and_a_rerun_with_it_is_exact(shapes_
     # on an idle machine every planned step is trained; when other work starts on the machine after the
     # calibration, the hard stop ends the run early (never late)
     assert 0 < a["global_step"] <= steps
+    record = json.loads((planned / "budget.json").read_text())  # the plan next to what the run took
+    assert record["steps_planned"] == steps and record["steps_trained"] == a["global_step"]
+    assert record["budget_seconds"] == 40 and 0 < record["spent_seconds"] <= elapsed
     # the same plan without a budget repeats the run exactly, step for step (stopped where the budget stopped it)
     rerun = detkit.train(TINY_CONFIG, tiny_detector_overrides(shapes_dir, tmp_path / "rerun", *COMMON,
                                                               f"train.total_steps={steps}",
@@ -89,3 +93,42 @@ def test_the_last_epochs_train_without_mosaic(shapes_dir):
         assert dm.dataset("train").transform.extra_samples == extra, epoch
     cfg.train.total_steps = 40  # 8 steps per epoch: 5 epochs, the last one without Mosaic
     assert no_mosaic_epoch(cfg, dm) == 4
+
+
+def test_the_calibration_counts_loader_restarts_and_leaves_warm_up_out():
+    """Timestamps of a calibration laid out by hand: steady steps of 1 s, an epoch's first step 3 s longer (its
+    loader's workers restart), the model's first step 5 s longer, validation batches of 0.5 s after a first one of
+    2 s, a validation's fixed part of 0.4 s, and 1.5 s more for the first validation (its workers start)."""
+    from detkit.engine.budget import _Clock, costs
+
+    clock = _Clock()
+    clock.steps = [[6.0, 1.0, 1.1, 0.9], [4.0, 1.0, 1.0, 0.95]]
+    clock.transitions = [0.2]
+    clock.validations = [(0.4 + 1.5 + 2.0 + 0.5, [2.0, 0.5]), (0.4 + 2.0 + 0.5, [2.0, 0.5])]
+    c = costs(clock)
+    assert c["step"] == 1.0
+    assert c["transition"] == pytest.approx(0.2 + 3.0)  # the loader restart is a cost of every epoch
+    assert c["val_batch"] == 0.5
+    assert c["val_fixed"] == pytest.approx(0.4 + 1.5)  # the first batch's warm-up is in each validation's fixed part
+    assert c["val_first"] == pytest.approx(1.5)
+
+
+def test_the_plan_fills_the_budget_with_what_the_calibration_measured(monkeypatch, shapes_dir):
+    """The step count follows from the measured costs: steps, one transition per epoch, a validation per
+    validated epoch plus the final one, the validation workers' start twice, 5 % kept in reserve."""
+    from detkit.engine import budget
+    from detkit.engine.run import build_datamodule
+
+    cfg = load_config(TINY_CONFIG, tiny_detector_overrides(shapes_dir, "unused", "trainer.check_val_every_n_epoch=1"))
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    measured = {"step": 0.5, "transition": 1.0, "val_batch": 0.25, "val_fixed": 0.5, "val_first": 2.0}
+    monkeypatch.setattr(budget, "_calibrate", lambda *a: measured)
+    found = budget.plan(cfg, dm, 600.0, time.perf_counter())
+    spe, total = found["steps_per_epoch"], found["total_steps"]
+    epochs = -(-total // spe)
+    per_validation = 0.5 + budget.validation_batches(cfg, dm) * 0.25
+    other = epochs * 1.0 + (epochs + 1) * per_validation + 2 * 2.0
+    assert 0.95 * (600 - other) - 0.5 - 0.01 <= total * 0.5 <= 0.95 * (600 - other)  # within a step
+    assert total * 0.5 + other > 0.94 * 600
+    assert found["final_validation_seconds"] == pytest.approx(per_validation + 2.0, abs=0.05)

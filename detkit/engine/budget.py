@@ -1,15 +1,16 @@
 """Training to a time budget (``train.budget: 10min``): the whole schedule laid over the budget, reproducibly.
 
 Before training, a short throw-away run through the same engine (two epochs of a few steps, each ending with a
-checkpoint and a validation of two batches) times a step (data loading included), an epoch transition and a
-validation image; from those, the number of optimizer steps that fits the budget (less the epoch transitions and
-validations it will run) is fixed and written into the run's ``config.yaml`` as ``train.total_steps``. The
+checkpoint and a validation of two batches) times a step (data loading included), an epoch transition (with the
+training loader's restart), a validation batch and a validation's fixed cost, leaving warm-up out (:func:`costs`);
+from those, the number of optimizer steps that fits the budget (less the epoch transitions and validations it will
+run, and 5 % kept in reserve) is fixed and written into the run's ``config.yaml`` as ``train.total_steps``. The
 schedule (warmup, cosine or multistep, the final no-mosaic phase, EMA) is then laid over those steps instead of over
 ``train.epochs``, and the run starts from the same initial weights as a run given ``train.total_steps`` directly:
 a rerun with that step count repeats the run exactly, on any machine. ``trainer.max_time`` is set to what is
 left of the budget, so training stops at the budget whatever happens (a slower machine stops early, with
-``last.ckpt`` saved where it stopped). The progress bar shows the minutes left.
-"""
+``last.ckpt`` saved where it stopped). The progress bar shows the minutes left; ``budget.json`` in the run
+directory records the plan next to the seconds the run took."""
 
 from __future__ import annotations
 
@@ -42,28 +43,36 @@ def parse_budget(text: Any) -> float:
     return seconds
 
 
+def limited(batches: int, limit: Any) -> int:
+    """``batches`` after a Lightning ``limit_*_batches`` (an int caps them, a float keeps that fraction)."""
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return min(batches, limit)
+    if isinstance(limit, float):
+        return max(1, int(batches * limit)) if batches else 0
+    return batches
+
+
 def steps_per_epoch(cfg: Any, batches: int) -> int:
     """Optimizer steps per epoch of ``batches`` training batches (``trainer.limit_train_batches`` applied)."""
-    limit = cfg.trainer.limit_train_batches
-    if isinstance(limit, int) and not isinstance(limit, bool):
-        batches = min(batches, limit)
-    elif isinstance(limit, float):
-        batches = max(1, int(batches * limit))
+    batches = limited(batches, cfg.trainer.limit_train_batches)
     return max(1, math.ceil(batches / int(cfg.trainer.accumulate_grad_batches)))
 
 
 class _Clock(L.Callback):
-    """Timestamps of a calibration run: steps (batch start to batch start, data loading included), epoch
-    transitions (checkpoint, loader restart) and validations (per image)."""
+    """Timestamps of a calibration run: steps (batch start to batch start, data loading included) per epoch, epoch
+    transitions (checkpoint, loader restart) and validations (each batch, and the whole validation up to its
+    metrics)."""
 
     def __init__(self) -> None:
-        self.steps: list[float] = []
+        self.steps: list[list[float]] = []  # per epoch
         self.transitions: list[float] = []
-        self.validation: list[float] = []
-        self.val_images = 0
+        self.validations: list[tuple[float, list[float]]] = []  # (seconds, seconds of each batch)
         self._last: float | None = None
         self._epoch_end: float | None = None
-        self._val_start = 0.0
+        self._val_start = self._batch_start = 0.0
+
+    def on_train_epoch_start(self, *args: Any) -> None:
+        self.steps.append([])
 
     def on_train_batch_start(self, *args: Any) -> None:
         now = time.perf_counter()
@@ -71,25 +80,53 @@ class _Clock(L.Callback):
             self.transitions.append(now - self._epoch_end)
             self._epoch_end = None
         elif self._last is not None:
-            self.steps.append(now - self._last)
+            self.steps[-1].append(now - self._last)
         self._last = now
 
     def on_train_epoch_end(self, *args: Any) -> None:
         self._epoch_end, self._last = time.perf_counter(), None
 
-    def on_validation_epoch_start(self, *args: Any) -> None:
+    def on_validation_start(self, *args: Any) -> None:
         self._val_start = time.perf_counter()
+        self.validations.append((0.0, []))
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, *args: Any) -> None:
-        self.val_images += len(batch["targets"])
+    def on_validation_batch_start(self, *args: Any) -> None:
+        self._batch_start = time.perf_counter()
 
-    def on_validation_epoch_end(self, *args: Any) -> None:
-        self.validation.append(time.perf_counter() - self._val_start)
+    def on_validation_batch_end(self, *args: Any) -> None:
+        self.validations[-1][1].append(time.perf_counter() - self._batch_start)
+
+    def on_validation_end(self, *args: Any) -> None:  # after the module's epoch end: the metrics are computed
+        self.validations[-1] = (time.perf_counter() - self._val_start, self.validations[-1][1])
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2] if values else 0.0
+
+
+def costs(clock: _Clock) -> dict[str, float]:
+    """Seconds per step, per epoch transition, per validation batch, per validation (its fixed part) and once for
+    the first validation, from a calibration's timestamps.
+
+    A step is the median of the steady steps (the first of each epoch left out). The first step of an epoch waits
+    for the training loader's restarted workers: what it takes over a steady step is a cost per epoch and counts
+    with the transition (from the first epoch on, the first one also holds the model's warm-up and is left out when
+    a later epoch was timed). A validation costs a fixed part plus its batches; the first validation also starts
+    the validation loader's workers (they stay), which is counted once."""
+    step = _median([s for epoch in clock.steps for s in epoch[1:]] or [s for epoch in clock.steps for s in epoch])
+    firsts = [epoch[0] for epoch in clock.steps if epoch]
+    restart = max(0.0, _median(firsts[1:] or firsts) - step) if firsts else 0.0
+    val_batch = _median([b for _, times in clock.validations for b in times[1:]]
+                        or [b for _, times in clock.validations for b in times])
+    fixed = [max(0.0, total - len(times) * val_batch) for total, times in clock.validations]
+    steady = min(fixed[1:] or fixed or [0.0])
+    return {"step": step, "transition": _median(clock.transitions) + restart, "val_batch": val_batch,
+            "val_fixed": steady, "val_first": max(0.0, fixed[0] - steady) if fixed else 0.0}
 
 
 def _calibrate(cfg: Any, dm: Any, steps: int) -> dict[str, float]:
     """Two short epochs of a throw-away run through the same engine (Lightning, callbacks, a checkpoint per epoch,
-    one validation of two batches each): seconds per step, per epoch transition, per validation image."""
+    one validation of two batches each): see :func:`costs`."""
     import copy
     import tempfile
 
@@ -106,10 +143,15 @@ def _calibrate(cfg: Any, dm: Any, steps: int) -> dict[str, float]:
         module = DetectionModule(trial, classes=dm.classes)
         trainer = build_trainer(trial, Path(tmp), callbacks=[clock])
         trainer.fit(module, datamodule=dm)
-    median = lambda v: sorted(v)[len(v) // 2] if v else 0.0  # noqa: E731
-    val_s = sum(clock.validation) / max(1, clock.val_images)
-    return {"step": median(clock.steps[1:] or clock.steps), "transition": median(clock.transitions),
-            "val_image": val_s}
+    return costs(clock)
+
+
+def validation_batches(cfg: Any, dm: Any) -> int:
+    """Batches of one validation (``trainer.limit_val_batches`` applied)."""
+    val = dm.dataset("val")
+    if val is None:
+        return 0
+    return limited(math.ceil(len(val) / int(cfg.data.batch_size)), cfg.trainer.limit_val_batches)
 
 
 def plan(cfg: Any, dm: Any, budget: float, started: float, steps: int = 5) -> dict[str, Any]:
@@ -118,8 +160,9 @@ def plan(cfg: Any, dm: Any, budget: float, started: float, steps: int = 5) -> di
     spe = steps_per_epoch(cfg, len(dm.train_dataloader()))
     cost = _calibrate(cfg, dm, min(steps, spe))
     step_s = cost["step"] * int(cfg.trainer.accumulate_grad_batches)
-    val = dm.dataset("val")
-    per_validation = (len(val) if val is not None else 0) * cost["val_image"]
+    batches = validation_batches(cfg, dm)
+    per_validation = cost["val_fixed"] + batches * cost["val_batch"] if batches else 0.0
+    once = cost["val_first"] if batches else 0.0  # the validation workers' start (also the final validation's)
     left = budget - (time.perf_counter() - started)
     every = cfg.trainer.check_val_every_n_epoch
     total = max(1, int(left / step_s))
@@ -127,12 +170,12 @@ def plan(cfg: Any, dm: Any, budget: float, started: float, steps: int = 5) -> di
     for _ in range(8):  # validations and transitions depend on the epochs, which depend on the steps
         epochs = math.ceil(total / spe)
         validations = (epochs // int(every) if every else 0) + 1  # + the final weights' validation
-        val_s = validations * per_validation
+        val_s = validations * per_validation + once * min(2, validations)
         spent = val_s + epochs * cost["transition"]
         total = max(1, int(0.95 * (left - spent) / step_s))  # 5 %: logging, the unforeseen
     return {"total_steps": total, "step_seconds": round(step_s, 4), "steps_per_epoch": spe,
             "epoch_transition_seconds": round(cost["transition"], 3), "validation_seconds": round(val_s, 1),
-            "final_validation_seconds": round(per_validation, 1), "left_seconds": round(left, 1)}
+            "final_validation_seconds": round(per_validation + once, 1), "left_seconds": round(left, 1)}
 
 
 def apply_budget(cfg: Any, dm: Any, started: float) -> dict[str, Any] | None:

@@ -190,6 +190,8 @@ def train(cfg: DictConfig | str | Path | None, overrides: list[str] | tuple[str,
             final_validation(trainer, module, dm, out)
         if trainer.is_global_zero:
             log_run(trainer.loggers, cfg, module.metrics, trainer.global_step)
+            if planned:
+                record_budget(out, cfg, planned, started, trainer.global_step)
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
     if module.skipped:
@@ -219,6 +221,19 @@ def plan_budget(cfg: DictConfig, dm, started: float, ckpt: Path | None) -> dict[
             cfg.train.total_steps = int(recorded)  # resuming a budgeted run: its plan, not a new one
             return None
     return apply_budget(cfg, dm, started)
+
+
+def record_budget(out: Path, cfg: DictConfig, planned: dict[str, Any], started: float, steps: int) -> None:
+    """``budget.json``: the plan, the steps trained and the seconds the run took (calibration and final validation
+    included), so a plan that left time unused, or a run the hard stop ended early, is visible."""
+    from detkit.engine.budget import parse_budget
+
+    budget, spent = parse_budget(cfg.train.budget), time.perf_counter() - started
+    write_json({"budget_seconds": budget, "spent_seconds": round(spent, 1), "used": round(spent / budget, 3),
+                "steps_planned": int(cfg.train.total_steps), "steps_trained": int(steps), "plan": planned},
+               out / "budget.json")
+    log.info("train.budget = %s: %.0f s of %.0f s used (%.0f %%), %d of %d planned steps trained", cfg.train.budget,
+             spent, budget, 100 * spent / budget, steps, int(cfg.train.total_steps))
 
 
 def no_mosaic_epoch(cfg: DictConfig, dm) -> int | None:
