@@ -34,45 +34,55 @@ def _weights(run):
     return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
 
 
-def test_the_planned_step_count_is_recorded_and_a_rerun_with_it_is_exact(shapes_dir, tmp_path):
+class Busy(L.Callback):
+    """A machine busier during the run than during its calibration: each training step ``seconds`` longer, from
+    step ``after`` on."""
+
+    def __init__(self, seconds: float, after: int = 0) -> None:
+        self.seconds, self.after = seconds, after
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.after:
+            time.sleep(self.seconds)
+
+
+def test_the_plan_is_recorded_corrected_by_the_run_and_a_rerun_with_it_is_exact(shapes_dir, tmp_path):
     started = time.perf_counter()
     planned = detkit.train(TINY_CONFIG, tiny_detector_overrides(shapes_dir, tmp_path / "budget", *COMMON,
-                                                                "train.budget=40s"))
+                                                                "train.budget=40s", "train.warmup_iters=30"),
+                           callbacks=[Busy(0.3)])
     elapsed = time.perf_counter() - started
-    steps = load_config(planned / "config.yaml").train.total_steps
+    cfg = load_config(planned / "config.yaml")
+    steps = cfg.train.total_steps
     assert steps is not None and steps > 8
     assert elapsed < 40 * 1.25  # calibration, training, validations and the final validation within the budget
     a = _weights(planned)
-    # on an idle machine every planned step is trained; when other work starts on the machine after the
-    # calibration, the hard stop ends the run early (never late)
-    assert 0 < a["global_step"] <= steps
     record = json.loads((planned / "budget.json").read_text())  # the plan next to what the run took
-    assert record["steps_planned"] == steps and record["steps_trained"] == a["global_step"]
-    assert record["budget_seconds"] == 40 and 0 < record["spent_seconds"] <= elapsed
-    # the same plan without a budget repeats the run exactly, step for step (stopped where the budget stopped it)
-    rerun = detkit.train(TINY_CONFIG, tiny_detector_overrides(shapes_dir, tmp_path / "rerun", *COMMON,
-                                                              f"train.total_steps={steps}",
-                                                              f"trainer.max_steps={a['global_step']}"))
+    # the calibration (without the extra 0.3 s a step) planned more steps than fit; the run re-planned during its
+    # warmup from its own steps, and config.yaml holds the new count and the warmup as it ran
+    assert record["replanned"]["from"] > record["replanned"]["to"] == steps
+    assert record["replanned"]["at_step"] < cfg.train.warmup_iters <= steps // 3
+    assert record["replanned"]["step_seconds"] > 0.3
+    # on an idle machine every planned step is trained; when other work starts on the machine after the
+    # re-plan, the hard stop ends the run early (never late)
+    assert 0 < a["global_step"] <= steps and record["steps_trained"] == a["global_step"]
+    assert record["budget_seconds"] == 40 and 0 < record["spent_seconds"] <= elapsed + 0.1
+    # the run's config.yaml without the budget repeats the run exactly, step for step (stopped where it stopped)
+    rerun = detkit.train(planned / "config.yaml", ["train.budget=null", f"output_dir={tmp_path / 'rerun'}",
+                                                   f"trainer.max_steps={a['global_step']}"])
     b = _weights(rerun)
     assert b["global_step"] == a["global_step"]
     for k in a["state_dict"]:
         torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], rtol=0, atol=1e-6, msg=k)
 
 
-class Slow(L.Callback):
-    """Steps much slower than the plan assumed (a busier machine): a second more each."""
-
-    def on_train_batch_end(self, *args):
-        time.sleep(1.0)
-
-
 def test_the_budget_is_a_hard_stop(shapes_dir, tmp_path):
     started = time.perf_counter()
     run = detkit.train(TINY_CONFIG, tiny_detector_overrides(shapes_dir, tmp_path / "slow", *COMMON,
-                                                            "train.budget=40s"), callbacks=[Slow()])
+                                                            "train.budget=40s"), callbacks=[Busy(1.0, after=3)])
     elapsed = time.perf_counter() - started
     planned = load_config(run / "config.yaml").train.total_steps
-    assert planned > 3  # the calibration (which the slow callback does not touch) left room for a real plan
+    assert planned > 3  # the calibration (which the busy callback does not touch) left room for a real plan
     assert _weights(run)["global_step"] < planned  # stopped by the budget, saved where it stopped
     assert elapsed < 40 * 1.3
 

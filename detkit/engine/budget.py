@@ -18,6 +18,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +61,18 @@ def steps_per_epoch(cfg: Any, batches: int) -> int:
 
 class _Clock(L.Callback):
     """Timestamps of a calibration run: steps (batch start to batch start, data loading included) per epoch, epoch
-    transitions (checkpoint, loader restart) and validations (each batch, and the whole validation up to its
-    metrics)."""
+    transitions (checkpoint, loader restart) and validations (each batch, and the whole validation up to the
+    computation of its metrics)."""
 
-    def __init__(self) -> None:
+    def __init__(self, with_metrics: bool = False) -> None:
+        self.with_metrics = with_metrics  # a validation ends after its metrics are computed (else before)
         self.steps: list[list[float]] = []  # per epoch
         self.transitions: list[float] = []
         self.validations: list[tuple[float, list[float]]] = []  # (seconds, seconds of each batch)
         self._last: float | None = None
         self._epoch_end: float | None = None
         self._val_start = self._batch_start = 0.0
+        self._timing = False
 
     def on_train_epoch_start(self, *args: Any) -> None:
         self.steps.append([])
@@ -86,18 +89,32 @@ class _Clock(L.Callback):
     def on_train_epoch_end(self, *args: Any) -> None:
         self._epoch_end, self._last = time.perf_counter(), None
 
-    def on_validation_start(self, *args: Any) -> None:
-        self._val_start = time.perf_counter()
-        self.validations.append((0.0, []))
+    def on_validation_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._timing = not trainer.sanity_checking  # (a sanity check is no validation of the run)
+        if self._timing:
+            self._val_start = time.perf_counter()
+            self.validations.append((0.0, []))
 
     def on_validation_batch_start(self, *args: Any) -> None:
         self._batch_start = time.perf_counter()
 
     def on_validation_batch_end(self, *args: Any) -> None:
-        self.validations[-1][1].append(time.perf_counter() - self._batch_start)
+        if self._timing:
+            self.validations[-1][1].append(time.perf_counter() - self._batch_start)
 
-    def on_validation_end(self, *args: Any) -> None:  # after the module's epoch end: the metrics are computed
-        self.validations[-1] = (time.perf_counter() - self._val_start, self.validations[-1][1])
+    def on_validation_epoch_end(self, *args: Any) -> None:
+        # (callbacks run before the module's epoch end, so the metrics' computation is left out: on an untrained
+        # model it is dominated by hundreds of random detections per image, which the first epochs remove)
+        if not self.with_metrics:
+            self._end_validation()
+
+    def on_validation_end(self, *args: Any) -> None:
+        if self.with_metrics:
+            self._end_validation()
+
+    def _end_validation(self) -> None:
+        if self._timing:
+            self.validations[-1] = (time.perf_counter() - self._val_start, self.validations[-1][1])
 
 
 def _median(values: list[float]) -> float:
@@ -164,18 +181,27 @@ def plan(cfg: Any, dm: Any, budget: float, started: float, steps: int = 5) -> di
     per_validation = cost["val_fixed"] + batches * cost["val_batch"] if batches else 0.0
     once = cost["val_first"] if batches else 0.0  # the validation workers' start (also the final validation's)
     left = budget - (time.perf_counter() - started)
-    every = cfg.trainer.check_val_every_n_epoch
-    total = max(1, int(left / step_s))
-    val_s = 0.0
-    for _ in range(8):  # validations and transitions depend on the epochs, which depend on the steps
-        epochs = math.ceil(total / spe)
-        validations = (epochs // int(every) if every else 0) + 1  # + the final weights' validation
-        val_s = validations * per_validation + once * min(2, validations)
-        spent = val_s + epochs * cost["transition"]
-        total = max(1, int(0.95 * (left - spent) / step_s))  # 5 %: logging, the unforeseen
+    every = int(cfg.trainer.check_val_every_n_epoch or 0)
+    # the validation workers start twice: in the first validation and in the final one
+    total, val_s = fit_steps(left, step_s, spe, every, per_validation, cost["transition"], once=2 * once)
     return {"total_steps": total, "step_seconds": round(step_s, 4), "steps_per_epoch": spe,
             "epoch_transition_seconds": round(cost["transition"], 3), "validation_seconds": round(val_s, 1),
+            "per_validation_seconds": round(per_validation, 2), "validation_start_seconds": round(once, 2),
             "final_validation_seconds": round(per_validation + once, 1), "left_seconds": round(left, 1)}
+
+
+def fit_steps(left: float, step_s: float, spe: int, every: int, per_validation: float, transition: float, *,
+              once: float = 0.0, done: int = 0, final: bool = True, reserve: float = 0.05) -> tuple[int, float]:
+    """Optimizer steps after step ``done`` that fit in ``left`` seconds with the epoch transitions and the
+    validations (every ``every`` epochs, and with ``final`` the final weights' one) they bring, ``reserve`` of the
+    time kept for logging and the unforeseen; also the seconds of those validations (``once``: a one-time cost)."""
+    total, val_s = max(1, int(left / step_s)), 0.0
+    for _ in range(8):  # validations and transitions depend on the epochs, which depend on the steps
+        first, last = done // spe, math.ceil((done + total) / spe)  # the epochs that end in these steps
+        validations = (last // every - first // every if every else 0) + int(final)
+        val_s = validations * per_validation + once
+        total = max(1, int((1 - reserve) * (left - val_s - (last - first) * transition) / step_s))
+    return total, val_s
 
 
 def apply_budget(cfg: Any, dm: Any, started: float) -> dict[str, Any] | None:
@@ -186,6 +212,8 @@ def apply_budget(cfg: Any, dm: Any, started: float) -> dict[str, Any] | None:
     budget = parse_budget(cfg.train.budget)
     found = plan(cfg, dm, budget, started)
     cfg.train.total_steps = int(found["total_steps"])
+    # the warmup as it runs (at most a third of the plan), written down: a re-plan during it keeps it
+    cfg.train.warmup_iters = min(int(cfg.train.warmup_iters), cfg.train.total_steps // 3)
     log.info("train.budget = %s: %d steps (%.3f s each, %d per epoch, %.2f s per epoch transition), about %.0f s "
              "of validation; train.total_steps=%d is in config.yaml (a rerun with it repeats this run)",
              cfg.train.budget, found["total_steps"], found["step_seconds"], found["steps_per_epoch"],
@@ -210,3 +238,55 @@ class BudgetProgress(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         pl_module.log("left_min", max(0.0, (self.deadline - time.perf_counter()) / 60), prog_bar=True,
                       on_step=True, on_epoch=False, batch_size=1)
+
+
+class BudgetReplan(_Clock):
+    """Re-plans ``train.total_steps`` once, from the run's own timings, while the warmup still runs.
+
+    The throw-away calibration times a model that has not trained yet, on a machine whose load may change; the run
+    itself is the better clock. At the end of the first epoch that validated (or at the last step of the warmup,
+    when that comes first), the steps that fit what is left of the budget are counted again from the run's steady
+    steps and its validation (its metrics included), and ``train.total_steps`` becomes that. The learning rate
+    during the warmup does not depend on the run's length (:func:`detkit.engine.optim.lr_factor`), so the steps
+    already trained are those of a run given the new count from the start: ``config.yaml`` is written again and a
+    rerun with it repeats the run exactly. Without a warmup (``train.warmup_iters: 0``) the plan stays as it was.
+    Under DDP every process takes rank 0's count."""
+
+    def __init__(self, deadline: float, planned: dict[str, Any], warmup: int, every: int,
+                 apply: Callable[[L.Trainer, int], None]) -> None:
+        super().__init__(with_metrics=True)
+        self.deadline, self.planned, self.warmup, self.every, self.apply = deadline, planned, warmup, every, apply
+        self.replanned: dict[str, Any] | None = None
+        self.done = warmup < 1
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if not self.done and trainer.global_step >= self.warmup - 1:  # the warmup ends before a validation
+            self._replan(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_end()
+        if not self.done and self.validations and trainer.global_step < self.warmup:
+            self._replan(trainer)
+
+    def _replan(self, trainer: L.Trainer) -> None:
+        self.done = True
+        p, step = self.planned, trainer.global_step
+        steady = [s for epoch in self.steps for s in epoch[1:]]
+        total = int(p["total_steps"])
+        if steady:
+            measured = {"step_seconds": _median(steady), "per_validation_seconds": p["per_validation_seconds"]}
+            if self.validations:  # the run's own, less the start of its workers (counted by the calibration)
+                measured["per_validation_seconds"] = max(0.0, self.validations[0][0] - p["validation_start_seconds"])
+            left = self.deadline - time.perf_counter()
+            more, _ = fit_steps(left, measured["step_seconds"], int(p["steps_per_epoch"]), self.every,
+                                measured["per_validation_seconds"], p["epoch_transition_seconds"], done=step,
+                                final=False, reserve=0.03)
+            total = max(step + more, 3 * self.warmup, step + 1)  # (3 x: the warmup stays what it was)
+        total = int(trainer.strategy.broadcast(total, src=0))
+        if total == int(p["total_steps"]):
+            return
+        self.replanned = {"at_step": step, "from": int(p["total_steps"]), "to": total,
+                          **({k: round(v, 4) for k, v in measured.items()} if steady else {})}
+        log.info("train.budget: re-planned from the run's own timings at step %d: %d -> %d steps "
+                 "(train.total_steps in config.yaml)", step, p["total_steps"], total)
+        self.apply(trainer, total)

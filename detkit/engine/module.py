@@ -199,9 +199,11 @@ class DetectionModule(L.LightningModule):
         t = self.cfg.train
         optimizer = build_optimizer(self.model, t)
         steps_per_epoch = self.steps_per_epoch()
-        # the schedule's length: train.total_steps (a budget's plan), else the epochs; never trainer.max_steps
-        total = int(t.total_steps) if t.total_steps else steps_per_epoch * int(t.epochs)
-        scheduler = build_scheduler(optimizer, t, total, steps_per_epoch)
+        # the schedule's length: train.total_steps (a budget's plan, which it may re-plan during the warmup), else
+        # the epochs; never trainer.max_steps
+        epochs_total = steps_per_epoch * int(t.epochs)
+        scheduler = build_scheduler(optimizer, t, lambda: int(t.total_steps) if t.total_steps else epochs_total,
+                                    steps_per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def steps_per_epoch(self) -> int:

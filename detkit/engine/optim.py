@@ -3,7 +3,7 @@
 Parameter groups: normalisation weights and all biases get ``train.norm_weight_decay`` (0 by default), depthwise
 convolution weights ``train.depthwise_weight_decay`` (by default ``train.weight_decay``), the rest
 ``train.weight_decay``; frozen parameters are left out. The schedule is per optimizer step: a linear
-warmup from ``warmup_factor * lr`` over ``warmup_iters`` steps, then cosine to 0 over the run, multistep
+warmup from ``warmup_factor * lr`` over ``warmup_iters`` steps, then cosine to 0 over the rest of the run, multistep
 (``lr * gamma**k`` after the k-th milestone epoch) or constant.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,11 +56,15 @@ def build_optimizer(model: nn.Module, t: Any) -> torch.optim.Optimizer:
 
 
 def lr_factor(step: int, t: Any, total_steps: int, steps_per_epoch: int) -> float:
-    """The multiplier of ``train.lr`` at optimizer step ``step`` (0-based). The warmup takes at most a third of
-    the run (a short run, e.g. a small time budget, still reaches the full learning rate)."""
+    """The multiplier of ``train.lr`` at optimizer step ``step`` (0-based). The warmup ramps from
+    ``warmup_factor`` to 1 over ``warmup_iters`` steps (at most a third of the run: a short run, e.g. a small time
+    budget, still reaches the full learning rate); the cosine runs from 1 at the warmup's end to 0 at
+    ``total_steps``. The warmup does not depend on the run's length, so a time budget can re-plan the steps during
+    it and a rerun with the final step count repeats the run (engine/budget.py)."""
     warmup = min(int(t.warmup_iters), total_steps // 3) if total_steps > 0 else int(t.warmup_iters)
     if t.scheduler == "cosine":
-        factor = 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+        span = max(1, total_steps - warmup)
+        factor = 0.5 * (1.0 + math.cos(math.pi * min(max(step - warmup, 0), span) / span))
     elif t.scheduler == "multistep":
         factor = float(t.gamma) ** bisect.bisect_right(sorted(t.milestones), step // max(1, steps_per_epoch))
     else:
@@ -70,5 +75,9 @@ def lr_factor(step: int, t: Any, total_steps: int, steps_per_epoch: int) -> floa
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, t: Any, total_steps: int, steps_per_epoch: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t, total_steps, steps_per_epoch))
+def build_scheduler(optimizer: torch.optim.Optimizer, t: Any, total_steps: int | Callable[[], int],
+                    steps_per_epoch: int):
+    """``LambdaLR`` of :func:`lr_factor`; ``total_steps`` may be a function, read at every step (a time budget
+    re-plans the run's length once, during the warmup)."""
+    total = total_steps if callable(total_steps) else (lambda: total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t, total(), steps_per_epoch))

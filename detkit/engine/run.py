@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from detkit.config import load_config
 from detkit.data.shapes import ensure_shapes
-from detkit.engine.budget import BudgetProgress, apply_budget, steps_per_epoch, time_left
+from detkit.engine.budget import BudgetProgress, BudgetReplan, apply_budget, steps_per_epoch, time_left
 from detkit.engine.callbacks import ConfigWriter, Interrupted, LastCheckpoint
 from detkit.engine.loggers import build_loggers, log_run
 from detkit.errors import ConfigError, TrainingError
@@ -172,11 +172,23 @@ def train(cfg: DictConfig | str | Path | None, overrides: list[str] | tuple[str,
         dm.no_mosaic_from = no_mosaic_epoch(cfg, dm)
         writer = ConfigWriter(out, cfg, resumed_from=ckpt)
         extra = [writer, *(callbacks or [])]
-        max_time = None
+        max_time, replan = None, None
         if cfg.train.budget:
             reserve = planned["final_validation_seconds"] if planned else 0.0
             max_time = time_left(cfg, started if ckpt is None else time.perf_counter(), reserve)
             extra.append(BudgetProgress(time.perf_counter() + max_time))
+            if planned:  # a new budgeted run: its own timings correct the plan once, during the warmup
+
+                def apply(trainer: L.Trainer, total: int) -> None:
+                    cfg.train.total_steps = total  # (the schedule reads it at every step)
+                    trainer.fit_loop.epoch_loop.max_steps = total
+                    dm.no_mosaic_from = no_mosaic_epoch(cfg, dm)
+                    if trainer.is_global_zero:
+                        writer.write()
+
+                replan = BudgetReplan(time.perf_counter() + max_time, planned, int(cfg.train.warmup_iters),
+                                      int(cfg.trainer.check_val_every_n_epoch or 0), apply)
+                extra.append(replan)
         trainer = build_trainer(cfg, out, callbacks=extra, max_time=max_time)
         if trainer.is_global_zero and ckpt is None:
             writer.write()
@@ -191,7 +203,7 @@ def train(cfg: DictConfig | str | Path | None, overrides: list[str] | tuple[str,
         if trainer.is_global_zero:
             log_run(trainer.loggers, cfg, module.metrics, trainer.global_step)
             if planned:
-                record_budget(out, cfg, planned, started, trainer.global_step)
+                record_budget(out, cfg, planned, started, trainer.global_step, replan.replanned if replan else None)
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
     if module.skipped:
@@ -223,14 +235,16 @@ def plan_budget(cfg: DictConfig, dm, started: float, ckpt: Path | None) -> dict[
     return apply_budget(cfg, dm, started)
 
 
-def record_budget(out: Path, cfg: DictConfig, planned: dict[str, Any], started: float, steps: int) -> None:
+def record_budget(out: Path, cfg: DictConfig, planned: dict[str, Any], started: float, steps: int,
+                  replanned: dict[str, Any] | None = None) -> None:
     """``budget.json``: the plan, the steps trained and the seconds the run took (calibration and final validation
     included), so a plan that left time unused, or a run the hard stop ended early, is visible."""
     from detkit.engine.budget import parse_budget
 
     budget, spent = parse_budget(cfg.train.budget), time.perf_counter() - started
     write_json({"budget_seconds": budget, "spent_seconds": round(spent, 1), "used": round(spent / budget, 3),
-                "steps_planned": int(cfg.train.total_steps), "steps_trained": int(steps), "plan": planned},
+                "steps_planned": int(cfg.train.total_steps), "steps_trained": int(steps), "plan": planned,
+                "replanned": replanned},
                out / "budget.json")
     log.info("train.budget = %s: %.0f s of %.0f s used (%.0f %%), %d of %d planned steps trained", cfg.train.budget,
              spent, budget, 100 * spent / budget, steps, int(cfg.train.total_steps))
