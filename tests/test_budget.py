@@ -78,13 +78,14 @@ def test_the_plan_is_recorded_corrected_by_the_run_and_a_rerun_with_it_is_exact(
 
 def test_the_budget_is_a_hard_stop(shapes_dir, tmp_path):
     started = time.perf_counter()
+    # (60 s: on a machine shared with other tests a 40 s budget can leave the plan no room after its calibration)
     run = detkit.train(TINY_CONFIG, tiny_detector_overrides(shapes_dir, tmp_path / "slow", *COMMON,
-                                                            "train.budget=40s"), callbacks=[Busy(1.0, after=3)])
+                                                            "train.budget=60s"), callbacks=[Busy(1.0, after=3)])
     elapsed = time.perf_counter() - started
     planned = load_config(run / "config.yaml").train.total_steps
     assert planned > 3  # the calibration (which the busy callback does not touch) left room for a real plan
     assert _weights(run)["global_step"] < planned  # stopped by the budget, saved where it stopped
-    assert elapsed < 40 * 1.3
+    assert elapsed < 60 * 1.3
 
 
 def test_the_last_epochs_train_without_mosaic(shapes_dir):

@@ -33,7 +33,8 @@ def odd_shapes(tmp_path_factory):
 def test_two_process_ddp_training_and_validation_metrics_equal_one_process(odd_shapes, tmp_path):
     run = tmp_path / "run"
     overrides = tiny_detector_overrides(odd_shapes, run, "train.epochs=1", "trainer.limit_train_batches=3",
-                                        "data.batch_size=2", "model.head.params.box_score_thresh=0.0")
+                                        "data.batch_size=2", "model.head.params.box_score_thresh=0.0",
+                                        "train.lr=0.0012")  # 3 steps that leave boxes near the objects
     ddp = ["trainer.devices=2", "trainer.strategy=ddp"]
     trained = detkit_cli("train", str(TINY_CONFIG), *overrides, *ddp)
     assert trained.returncode == 0, trained.stderr[-3000:]
