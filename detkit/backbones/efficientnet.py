@@ -14,7 +14,7 @@ from torch import nn
 from torchvision.models.efficientnet import EfficientNet, MBConvConfig
 
 from detkit.backbones.base import split_by_stride
-from detkit.backbones.registry import BackboneSpec, register
+from detkit.backbones.family import BackboneFamily, BackboneSpec
 
 # B0's stages: expand ratio, kernel, stride, input channels, output channels, layers.
 B0_STAGES = [
@@ -79,10 +79,16 @@ def _plan(net: nn.Module):
     return split_by_stride(net, "features")
 
 
-for _name, (_w, _d, _res, _drop) in NAMED.items():
-    register(BackboneSpec(name=_name, family="efficientnet", network=_named(_name), plan=_plan,
-                          head=("avgpool", "classifier"), torchvision_weights=_name,
-                          resolution=lambda cfg, r=_res: r))
-
-register(BackboneSpec(name="efficientnet", family="efficientnet", network=_phi_network, plan=_plan,
-                      head=("avgpool", "classifier"), resolution=_phi_resolution, preset=False))
+# Stochastic depth (model.backbone.drop_path) is torchvision's stochastic_depth_prob; no kwargs: the compound-scaled
+# network's parameters live in model.backbone.efficientnet.
+FAMILY = BackboneFamily(
+    name="efficientnet",
+    presets=(*(BackboneSpec(name=name, network=_named(name), plan=_plan, head=("avgpool", "classifier"),
+                            torchvision_weights=name, resolution=lambda cfg, r=res: r)
+               for name, (_, _, res, _) in NAMED.items()),
+             BackboneSpec(name="efficientnet", network=_phi_network, plan=_plan, head=("avgpool", "classifier"),
+                          resolution=_phi_resolution, preset=False)),
+    accepts=("drop_path", "taps"),
+    refusals={"kwargs": "model.backbone.kwargs: {name} takes no extra arguments (got {value}); "
+                        "use model.backbone.efficientnet.*"},
+)

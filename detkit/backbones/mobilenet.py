@@ -1,4 +1,4 @@
-"""MobileNetV3 large and small (torchvision)."""
+"""MobileNetV3 large and small (torchvision): the ``mobilenet_v3`` family."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torchvision
 from torch import nn
 
 from detkit.backbones.base import split_by_stride
-from detkit.backbones.registry import BackboneSpec, register
+from detkit.backbones.family import BackboneFamily, BackboneSpec
 
 
 def _mobilenet(name: str):
@@ -16,12 +16,14 @@ def _mobilenet(name: str):
     return build
 
 
-for _name in ("mobilenet_v3_large", "mobilenet_v3_small"):
-    register(BackboneSpec(
-        name=_name,
-        family="mobilenet_v3",
-        network=_mobilenet(_name),
+FAMILY = BackboneFamily(
+    name="mobilenet_v3",
+    presets=tuple(BackboneSpec(
+        name=name,
+        network=_mobilenet(name),
         plan=lambda net: split_by_stride(net, "features"),
         head=("avgpool", "classifier"),
-        torchvision_weights=_name,
-    ))
+        torchvision_weights=name,
+    ) for name in ("mobilenet_v3_large", "mobilenet_v3_small")),
+    accepts=("kwargs", "taps"),  # kwargs: torchvision's mobilenet builder arguments
+)

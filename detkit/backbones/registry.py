@@ -1,43 +1,25 @@
 """The backbone registry, the backbone contract, and the builder that maps ``model.backbone`` onto a backbone.
 
-Each family module registers a :class:`BackboneSpec` per name in :data:`BACKBONES`: how to build the family's
-ImageNet classification network, how to split it into levels, and which submodules form its classifier head.
-``timm:<model>`` names (a registry prefix) are handled by :mod:`detkit.backbones.timm_backbone`.
+Every backbone family is declared once, as a :class:`~detkit.backbones.family.BackboneFamily` in its own module (its
+names or name prefix, how it builds the backbone and the full classifier, its ImageNet resolution, the options it
+takes), and registered below with one line. :func:`build_backbone`, :func:`build_classifier`,
+:func:`imagenet_resolution` and :func:`get_spec` look the family up in :data:`BACKBONES` and call it: nothing here
+knows a family, a prefix or which options a backbone takes.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import importlib
+from collections.abc import Mapping
 from typing import Any, Protocol
-from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from detkit.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, LevelPlan
-from detkit.backbones.pretrained import fetch_named, load_into, looks_like_path, read_state_dict
-from detkit.backbones.timm_backbone import PREFIX as TIMM_PREFIX
+from detkit.backbones.family import BackboneFamily, BackboneSpec
 from detkit.config.schema import BackboneConfig
-from detkit.errors import ConfigError, PretrainedError
+from detkit.errors import ConfigError
 from detkit.utils.registry import Registry
-
-TV_PREFIX = "tv:"  # any torchvision classification CNN (detkit.backbones.torchvision_any)
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    name: str
-    family: str
-    network: Callable[[Any, int], nn.Module]  # (backbone config, num_classes) -> classification network
-    plan: Callable[[nn.Module], LevelPlan]
-    head: tuple[str, ...]
-    torchvision_weights: str | None = None  # torchvision model name whose weights enum gives named weights
-    resolution: Callable[[Any], int] = lambda cfg: 224
-    preset: bool = True  # a fixed network (listed by `detkit backbones`), not a parametric family
-    # a network whose levels are not a run of submodules (SSD's L2-normed conv4_3): its own builder, cfg -> backbone
-    build: Callable[[Any], nn.Module] | None = None
 
 
 class BackboneContract(Protocol):
@@ -56,22 +38,55 @@ class BackboneContract(Protocol):
 
 BACKBONES: Registry = Registry("backbone", "model.backbone.name", contract=BackboneContract,
                                hint="see `detkit backbones`")
-BACKBONES.register_prefix(TIMM_PREFIX, "detkit.backbones.timm_backbone:build_timm_backbone")
-BACKBONES.register_prefix("tv:", "detkit.backbones.torchvision_any:build_torchvision_backbone")
+_FAMILIES: dict[str, BackboneFamily] = {}  # by family name, in registration order
 
 
-def register(spec: BackboneSpec) -> BackboneSpec:
-    return BACKBONES.register(spec.name, spec)
+def register_family(family: BackboneFamily | str) -> BackboneFamily:
+    """Register ``family`` (or ``"module:attribute"`` naming it): each preset name, or its name prefix, resolves to
+    it in :data:`BACKBONES` (the entry's traits: the preset's :class:`BackboneSpec`, ``None`` for a prefix)."""
+    if isinstance(family, str):
+        module, _, attribute = family.partition(":")
+        family = getattr(importlib.import_module(module), attribute)
+    if family.name in _FAMILIES:
+        raise ValueError(f"backbone family {family.name!r} is registered already")
+    taken = [n for n in family.names if n in BACKBONES]
+    taken += [f"{f.prefix}<name>" for f in _FAMILIES.values() if family.prefix and f.prefix == family.prefix]
+    if taken:
+        raise ValueError(f"backbone family {family.name!r}: {', '.join(taken)} registered already by another family")
+    _FAMILIES[family.name] = family
+    if family.prefix:
+        BACKBONES.register_prefix(family.prefix, family)
+    for spec in family.presets:
+        BACKBONES.register(spec.name, family, spec)
+    return family
+
+
+def unregister_family(family: BackboneFamily | str) -> None:
+    """Remove a family (the object or its name) and every name it answers to."""
+    family = _FAMILIES.pop(family if isinstance(family, str) else family.name, None)
+    if family is not None:
+        for name in [*family.names, *([family.prefix] if family.prefix else [])]:
+            BACKBONES.unregister(name)
+
+
+def families() -> list[BackboneFamily]:
+    return list(_FAMILIES.values())
+
+
+def family_of(name: str) -> BackboneFamily:
+    """The family ``name`` belongs to; an unknown name is one ``ConfigError`` line with "did you mean"."""
+    return BACKBONES.get(name)
 
 
 def list_backbones(presets_only: bool = True) -> list[str]:
-    return BACKBONES.names(lambda e: e.target.preset or not presets_only)
+    return BACKBONES.names(lambda e: e.traits.preset or not presets_only)
 
 
 def get_spec(name: str) -> BackboneSpec:
-    if name.startswith((TIMM_PREFIX, TV_PREFIX)):
-        raise ConfigError(f"model.backbone.name = {name!r}: {name.split(':')[0]} backbones have no spec")
-    return BACKBONES.get(name)
+    spec = BACKBONES.traits(name)
+    if spec is None:
+        raise ConfigError(f"model.backbone.name = {name!r}: {family_of(name).name} backbones have no spec")
+    return spec
 
 
 def _as_config(cfg: BackboneConfig | DictConfig | Mapping | str | None, overrides: Mapping[str, Any]) -> DictConfig:
@@ -100,44 +115,18 @@ def build_backbone(cfg: BackboneConfig | DictConfig | Mapping | str | None = Non
     for key in ("mean", "std"):
         if cfg[key] is not None and len(cfg[key]) != 3:
             raise ConfigError(f"model.backbone.{key} = {list(cfg[key])}: expected 3 values (R, G, B in [0, 1] units)")
-    if cfg.name.startswith((TIMM_PREFIX, TV_PREFIX)):  # prefix families: timm:<model>, tv:<model>
-        if cfg.drop_path is not None and cfg.name.startswith(TV_PREFIX):
-            raise ConfigError(f"model.backbone.drop_path: {cfg.name}: pass the model's own argument in "
-                              f"model.backbone.kwargs (e.g. stochastic_depth_prob for ConvNeXt)")
-        if cfg.taps:
-            raise ConfigError(f"model.backbone.taps: {cfg.name}: taps are for the registry's backbones (see `detkit "
-                              f"backbones`), whose levels are runs of submodules")
-        backbone = BACKBONES.get(cfg.name)(cfg)
-        return BACKBONES.check(cfg.name, set_bn_momentum(set_normalisation(backbone, cfg), cfg.bn_momentum))
-    spec = get_spec(cfg.name)
-    if spec.build is not None:
-        if cfg.taps or cfg.drop_path is not None:
-            raise ConfigError(f"model.backbone: {cfg.name} takes neither taps nor drop_path")
-        backbone = spec.build(cfg)
-        return BACKBONES.check(cfg.name, set_bn_momentum(set_normalisation(backbone, cfg), cfg.bn_momentum))
-    if cfg.drop_path is not None and spec.family != "efficientnet":
-        raise ConfigError(f"model.backbone.drop_path = {cfg.drop_path}: {cfg.name} has no stochastic depth "
-                          f"(EfficientNet and timm models have)")
-    network = _build_network(spec, cfg, 1000)
-    backbone = Backbone(
-        network,
-        spec.plan(network),
-        out_levels=cfg.out_levels,
-        head=spec.head,
-        name=cfg.name,
-        frozen_stages=cfg.frozen_stages,
-        norm=cfg.norm,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        recommended_resolution=spec.resolution(cfg),
-        taps=dict(cfg.taps),
-    )
-    set_normalisation(backbone, cfg)
-    if cfg.pretrained:
-        state, source = _pretrained_state(spec, cfg.pretrained)
-        dropped = tuple(f"{n}." for n in backbone.dropped)
-        load_into(backbone.network, state, source=source, name=cfg.name, ignored_prefixes=dropped)
-    return BACKBONES.check(cfg.name, set_bn_momentum(backbone, cfg.bn_momentum))
+    family = _checked_family(cfg)
+    backbone = family.build_backbone(cfg)
+    return BACKBONES.check(cfg.name, set_bn_momentum(set_normalisation(backbone, cfg), cfg.bn_momentum))
+
+
+def _checked_family(cfg: DictConfig) -> BackboneFamily:
+    """``cfg.name``'s family, after checking that it takes every option set in ``cfg`` (else one line)."""
+    family = family_of(cfg.name)
+    key = family.refused(cfg)
+    if key is not None:
+        raise ConfigError(family.refusal(key, cfg, [f.name for f in families() if key in f.accepts]))
+    return family
 
 
 def set_normalisation(backbone: nn.Module, cfg: DictConfig) -> nn.Module:
@@ -158,35 +147,6 @@ def set_bn_momentum(module: nn.Module, momentum: float | None) -> nn.Module:
     return module
 
 
-def _pretrained_state(spec: BackboneSpec, pretrained: str) -> tuple[dict, str]:
-    if looks_like_path(pretrained):
-        return read_state_dict(pretrained), pretrained
-    if spec.torchvision_weights is None:
-        raise PretrainedError(
-            f"model.backbone.pretrained = {pretrained!r}: {spec.name} has no named weights (it is built from "
-            f"parameters); give a path to a state dict file"
-        )
-    from torchvision.models import get_model_weights
-
-    enum = get_model_weights(spec.torchvision_weights)
-    names = [w.name for w in enum] + ["DEFAULT"]
-    if pretrained not in names:
-        raise PretrainedError(
-            f"model.backbone.pretrained = {pretrained!r}: not a file and not named weights of {spec.name} "
-            f"(named: {', '.join(names)})"
-        )
-    weights = enum[pretrained]
-    state = fetch_named(spec.name, pretrained, lambda: weights.get_state_dict(progress=False, check_hash=True),
-                        host=urlparse(weights.url).hostname, cached=_in_torch_hub_cache(weights.url))
-    return state, f"torchvision weights {weights}"
-
-
-def _in_torch_hub_cache(url: str) -> bool:
-    import torch.hub
-
-    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path)))
-
-
 def build_classifier(cfg: BackboneConfig | DictConfig | Mapping | str | None = None, num_classes: int = 1000,
                      **overrides: Any) -> nn.Module:
     """The backbone's full classification network (stem, body and a ``num_classes`` head), as published.
@@ -194,35 +154,21 @@ def build_classifier(cfg: BackboneConfig | DictConfig | Mapping | str | None = N
     Used to compare complexity with published ImageNet numbers (``detkit backbones --imagenet``).
     """
     cfg = _as_config(cfg, overrides)
-    if cfg.name.startswith(TIMM_PREFIX):
-        import timm
-
-        return timm.create_model(cfg.name[len(TIMM_PREFIX):], pretrained=False, num_classes=num_classes,
-                                 **cfg.kwargs)
-    if cfg.name.startswith(TV_PREFIX):
-        from detkit.backbones.torchvision_any import build_network
-
-        return build_network(cfg.name[len(TV_PREFIX):], num_classes, dict(cfg.kwargs))
-    return _build_network(get_spec(cfg.name), cfg, num_classes)
-
-
-def _build_network(spec: BackboneSpec, cfg: DictConfig, num_classes: int) -> nn.Module:
-    if cfg.kwargs and spec.family in ("regnet", "efficientnet"):
-        node = spec.name if spec.name in ("anynet", "regnet", "efficientnet") else spec.family
-        raise ConfigError(f"model.backbone.kwargs: {spec.name} takes no extra arguments (got {dict(cfg.kwargs)}); "
-                          f"use model.backbone.{node}.*")
-    try:
-        return spec.network(cfg, num_classes)
-    except TypeError as e:  # an unknown keyword in model.backbone.kwargs
-        raise ConfigError(f"model.backbone.kwargs = {dict(cfg.kwargs)}: {spec.name}: {e}") from None
+    return _checked_family(cfg).build_classifier(cfg, num_classes)
 
 
 def imagenet_resolution(cfg: BackboneConfig | DictConfig | Mapping | str | None = None, **overrides: Any) -> int:
+    """The input resolution the backbone's ImageNet network is made for (its family's own rule)."""
     cfg = _as_config(cfg, overrides)
-    if cfg.name.startswith(TIMM_PREFIX):
-        from detkit.backbones.timm_backbone import timm_resolution
+    return family_of(cfg.name).imagenet_resolution(cfg)
 
-        return timm_resolution(cfg.name[len(TIMM_PREFIX):])
-    if cfg.name.startswith(TV_PREFIX):
-        return 299 if cfg.name == "tv:inception_v3" else 224
-    return get_spec(cfg.name).resolution(cfg)
+
+# One line per family: the module that declares it (registration order = the order of `detkit backbones`).
+register_family("detkit.backbones.resnet:FAMILY")
+register_family("detkit.backbones.regnet:FAMILY")
+register_family("detkit.backbones.regnet:ANYNET")
+register_family("detkit.backbones.efficientnet:FAMILY")
+register_family("detkit.backbones.mobilenet:FAMILY")
+register_family("detkit.backbones.ssd_vgg:FAMILY")
+register_family("detkit.backbones.timm_backbone:FAMILY")
+register_family("detkit.backbones.torchvision_any:FAMILY")

@@ -17,7 +17,7 @@ from functools import partial
 from torch import nn
 from torchvision.models.regnet import BlockParams, RegNet
 
-from detkit.backbones.registry import BackboneSpec, register
+from detkit.backbones.family import BackboneFamily, BackboneSpec
 from detkit.errors import ConfigError
 
 WIDTH_QUANTUM = 8
@@ -174,11 +174,21 @@ def _anynet_network(cfg, num_classes: int) -> nn.Module:
                         num_classes)
 
 
-for _name in PRESETS:
-    register(BackboneSpec(name=_name, family="regnet", network=_preset_network(_name), plan=regnet_plan,
-                          head=REGNET_HEAD, torchvision_weights=_name))
-
-register(BackboneSpec(name="regnet", family="regnet", network=_design_point_network, plan=regnet_plan,
-                      head=REGNET_HEAD, preset=False))
-register(BackboneSpec(name="anynet", family="regnet", network=_anynet_network, plan=regnet_plan,
-                      head=REGNET_HEAD, preset=False))
+# Both families take no kwargs: their parameters live in model.backbone.regnet / model.backbone.anynet.
+FAMILY = BackboneFamily(
+    name="regnet",
+    presets=(*(BackboneSpec(name=name, network=_preset_network(name), plan=regnet_plan, head=REGNET_HEAD,
+                            torchvision_weights=name) for name in PRESETS),
+             BackboneSpec(name="regnet", network=_design_point_network, plan=regnet_plan, head=REGNET_HEAD,
+                          preset=False)),
+    accepts=("taps",),
+    refusals={"kwargs": "model.backbone.kwargs: {name} takes no extra arguments (got {value}); "
+                        "use model.backbone.regnet.*"},
+)
+ANYNET = BackboneFamily(
+    name="anynet",
+    presets=(BackboneSpec(name="anynet", network=_anynet_network, plan=regnet_plan, head=REGNET_HEAD, preset=False),),
+    accepts=("taps",),
+    refusals={"kwargs": "model.backbone.kwargs: {name} takes no extra arguments (got {value}); "
+                        "use model.backbone.anynet.*"},
+)

@@ -1,11 +1,11 @@
-"""ResNet-18/34/50/101 (torchvision)."""
+"""ResNet-18/34/50/101 (torchvision): the ``resnet`` family."""
 
 from __future__ import annotations
 
 import torchvision
 from torch import nn
 
-from detkit.backbones.registry import BackboneSpec, register
+from detkit.backbones.family import BackboneFamily, BackboneSpec
 
 RESNET_PLAN = [
     ("c1", ["conv1", "bn1", "relu"]),
@@ -23,12 +23,14 @@ def _resnet(name: str):
     return build
 
 
-for _name in ("resnet18", "resnet34", "resnet50", "resnet101"):
-    register(BackboneSpec(
-        name=_name,
-        family="resnet",
-        network=_resnet(_name),
+FAMILY = BackboneFamily(
+    name="resnet",
+    presets=tuple(BackboneSpec(
+        name=name,
+        network=_resnet(name),
         plan=lambda net: [(level, list(names)) for level, names in RESNET_PLAN],
         head=("avgpool", "fc"),
-        torchvision_weights=_name,
-    ))
+        torchvision_weights=name,
+    ) for name in ("resnet18", "resnet34", "resnet50", "resnet101")),
+    accepts=("kwargs", "taps"),  # kwargs: torchvision's resnet builder arguments
+)

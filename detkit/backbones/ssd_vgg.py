@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detkit.backbones.base import FrozenStagesModule, _convert_norm, check_frozen_stages, check_levels
-from detkit.backbones.registry import BackboneSpec, register
+from detkit.backbones.family import BackboneFamily, BackboneSpec
 from detkit.errors import ConfigError
 
 LEVELS = ("c3", "c4", "c5", "c6", "c7", "c8")
@@ -113,5 +113,10 @@ def _vgg16(cfg, num_classes: int) -> nn.Module:
     return vgg16(weights=None, num_classes=num_classes)
 
 
-register(BackboneSpec(name="ssd_vgg16", family="vgg", network=_vgg16, plan=lambda net: [], head=(),
-                      torchvision_weights=None, resolution=lambda cfg: 300, preset=False, build=build_ssd_vgg16))
+# Its own builder (conv4_3 is L2-normalised: its levels are not a run of submodules): no taps; no options.
+FAMILY = BackboneFamily(
+    name="ssd_vgg16",
+    presets=(BackboneSpec(name="ssd_vgg16", network=_vgg16, plan=lambda net: [], head=(), resolution=lambda cfg: 300,
+                          preset=False),),
+    build=build_ssd_vgg16,
+)

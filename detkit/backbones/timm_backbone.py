@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from detkit.backbones.base import FrozenStagesModule, _convert_norm, check_frozen_stages, check_levels, level_name
+from detkit.backbones.family import BackboneFamily
 from detkit.backbones.pretrained import (
     fetch_named,
     host_reachable,
@@ -21,7 +22,7 @@ from detkit.backbones.pretrained import (
 )
 from detkit.errors import ConfigError
 
-PREFIX = "timm:"  # registry.TIMM_PREFIX is this constant
+PREFIX = "timm:"
 HF_HOST = "huggingface.co"
 
 
@@ -144,3 +145,19 @@ def build_timm_backbone(cfg) -> TimmBackbone:
         kwargs.setdefault("drop_path_rate", float(cfg.drop_path))
     return TimmBackbone(model_name, cfg.out_levels, frozen_stages=cfg.frozen_stages, norm=cfg.norm,
                         pretrained=cfg.pretrained, kwargs=kwargs)
+
+
+def build_timm_classifier(cfg, num_classes: int = 1000) -> nn.Module:
+    """timm's whole classification network (for complexity)."""
+    return _create(cfg.name[len(PREFIX):], pretrained=False, num_classes=num_classes, **cfg.kwargs)
+
+
+# Any timm model: kwargs are timm.create_model's, drop_path its drop_path_rate; no taps (timm chooses the features).
+FAMILY = BackboneFamily(
+    name="timm",
+    prefix=PREFIX,
+    build=build_timm_backbone,
+    classifier=build_timm_classifier,
+    resolution=lambda cfg: timm_resolution(cfg.name[len(PREFIX):]),
+    accepts=("drop_path", "kwargs"),
+)

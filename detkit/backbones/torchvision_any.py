@@ -29,12 +29,14 @@ from detkit.backbones.base import (
     check_frozen_stages,
     check_levels,
 )
+from detkit.backbones.family import BackboneFamily
 from detkit.errors import ConfigError
 
 PREFIX = "tv:"
 PROBE = 224
 EXTRA = {"googlenet": {"aux_logits": False, "transform_input": False, "init_weights": True},
          "inception_v3": {"aux_logits": False, "transform_input": False, "init_weights": True}}
+RESOLUTION = {"inception_v3": 299}  # ImageNet input size where it is not 224
 
 
 def build_network(name: str, num_classes: int = 1000, kwargs: dict | None = None) -> nn.Module:
@@ -96,7 +98,7 @@ class TorchvisionBackbone(FrozenStagesModule):
         self.out_channels = {level: channels[level] for level in self.out_levels}
         self.strides = {level: 2 ** int(level[1:]) for level in self.out_levels}
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
-        self.recommended_resolution = 224
+        self.recommended_resolution = RESOLUTION.get(name, 224)
         self._frozen = self._freeze(frozen_stages)
 
     def _freeze(self, n: int) -> list[nn.Module]:
@@ -132,6 +134,24 @@ def build_torchvision_backbone(cfg) -> TorchvisionBackbone:
         load_into(backbone.network, state, source=str(cfg.pretrained), name=backbone.name,
                   ignored_prefixes=backbone.dropped)
     return backbone
+
+
+def build_torchvision_classifier(cfg, num_classes: int = 1000) -> nn.Module:
+    return build_network(cfg.name[len(PREFIX):], num_classes, dict(cfg.kwargs))
+
+
+# Any torchvision classification CNN: kwargs are torchvision's builder arguments (stochastic depth among them, so
+# drop_path is refused with a pointer there); no taps (levels are traced nodes, not runs of submodules).
+FAMILY = BackboneFamily(
+    name="tv",
+    prefix=PREFIX,
+    build=build_torchvision_backbone,
+    classifier=build_torchvision_classifier,
+    resolution=lambda cfg: RESOLUTION.get(cfg.name[len(PREFIX):], 224),
+    accepts=("kwargs",),
+    refusals={"drop_path": "model.backbone.drop_path = {value}: {name}: pass the model's own argument in "
+                           "model.backbone.kwargs (e.g. stochastic_depth_prob for ConvNeXt)"},
+)
 
 
 def _named(name: str, tag: str) -> dict[str, torch.Tensor]:

@@ -73,7 +73,9 @@ class Registry(Generic[T]):
         self._prefixes[prefix] = Entry(prefix, target, traits)
 
     def unregister(self, name: str) -> None:
+        """Remove ``name`` (or the prefix ``name``)."""
         self._entries.pop(name, None)
+        self._prefixes.pop(name, None)
 
     # --------------------------------------------------------------------------------------------- lookups
     def __contains__(self, name: object) -> bool:
