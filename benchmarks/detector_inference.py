@@ -59,7 +59,8 @@ from detkit import build_model, load_config
 from detkit.backbones import build_backbone
 from detkit.backbones.base import Backbone
 from detkit.heads import TwoStageParams, build_two_stage_head, parse_params
-from detkit.models import Detector, from_torchvision_rcnn
+from detkit.heads.two_stage import from_torchvision_rcnn
+from detkit.models import Detector
 from detkit.necks import build_neck
 
 MEAN = (0.485, 0.456, 0.406)

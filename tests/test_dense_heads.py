@@ -12,7 +12,8 @@ from torchvision.models.detection import fasterrcnn_resnet50_fpn, fcos_resnet50_
 from conftest import ROOT, TINY_CONFIG, tiny_detector_overrides
 from detkit import build_model, load_config
 from detkit.errors import ConfigError, PretrainedError
-from detkit.models import load_weights, torchvision_to_detkit
+from detkit.heads.dense import from_torchvision_dense
+from detkit.models import load_weights
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
@@ -30,7 +31,7 @@ def test_torchvision_weights_give_the_same_detections(head):
     kwargs = {"score_thresh": 0.009, "detections_per_img": 50}
     tv = build(weights=None, weights_backbone=None, min_size=256, max_size=256, **kwargs).eval()
     model = build_model(load_config(None, [*PARITY, f"model.head.name={head}", *extra])).eval()
-    result = model.load_state_dict(torchvision_to_detkit(tv.state_dict()), strict=True)
+    result = model.load_state_dict(from_torchvision_dense(tv.state_dict()), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     x = torch.rand(2, 3, 256, 256)  # at min_size: torchvision's transform does not resize it
     with torch.no_grad():

@@ -10,8 +10,8 @@ from torchvision.models import detection as tvd
 
 from conftest import ROOT
 from detkit import build_model, load_config
+from detkit.heads.ssd import from_torchvision_ssd
 from detkit.models import load_weights
-from detkit.models.weights import from_torchvision
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
@@ -126,7 +126,7 @@ def test_torchvision_ssd_weights_give_torchvisions_detections(family, tmp_path):
     report = load_weights(small, str(tmp_path / "w.pth"), ["pedestrian", "dog"], {"pedestrian": "person"})
     assert report.class_rows == {"pedestrian": "person", "dog": "dog"} and report.reinitialised
     key = next(k for k in report.reinitialised if k.endswith("weight"))
-    src, dst = from_torchvision(tv.state_dict(), "w.pth")[key], small.state_dict()[key]
+    src, dst = from_torchvision_ssd(tv.state_dict())[key], small.state_dict()[key]
     anchors = dst.shape[0] // 3
     assert src.shape[0] == anchors * 91
     for a in range(anchors):

@@ -11,7 +11,7 @@ from torchvision.ops.poolers import LevelMapper
 from detkit import build_model, load_config
 from detkit.errors import ConfigError
 from detkit.heads import MultiScaleRoIPool, map_levels
-from detkit.models import from_torchvision_rcnn
+from detkit.heads.two_stage import from_torchvision_rcnn
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]

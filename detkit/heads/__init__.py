@@ -6,6 +6,7 @@ Every head is registered once in :data:`HEADS` (:mod:`detkit.heads.registry`) wi
 
 from __future__ import annotations
 
+from detkit.heads.layout import ClassLayer, WeightLayout
 from detkit.heads.levels import select_levels
 from detkit.heads.params import parse_params
 from detkit.heads.registry import HEADS, Head, HeadTraits, head_traits
@@ -22,7 +23,8 @@ from detkit.heads.two_stage import (
 from detkit.heads.unet import UNetHead, UNetParams, build_unet_head, dice_loss, segmentation_loss
 from detkit.heads.yolo import YoloHead, YoloParams, build_yolo_head
 
-__all__ = ["HEADS", "Head", "HeadTraits", "MultiScaleRoIPool", "SSDParams", "SingleShotHead", "TwoStageHead",
-           "TwoStageParams", "UNetHead", "UNetParams", "YoloHead", "YoloParams", "build_faster_rcnn", "build_mask_rcnn",
-           "build_ssd_head", "build_two_stage_head", "build_unet_head", "build_yolo_head", "dice_loss", "head_traits",
-           "map_levels", "parse_params", "paste_masks", "segmentation_loss", "select_levels"]
+__all__ = ["HEADS", "ClassLayer", "Head", "HeadTraits", "MultiScaleRoIPool", "SSDParams", "SingleShotHead",
+           "TwoStageHead", "TwoStageParams", "UNetHead", "UNetParams", "WeightLayout", "YoloHead", "YoloParams",
+           "build_faster_rcnn", "build_mask_rcnn", "build_ssd_head", "build_two_stage_head", "build_unet_head",
+           "build_yolo_head", "dice_loss", "head_traits", "map_levels", "parse_params", "paste_masks",
+           "segmentation_loss", "select_levels"]

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation, box_iou, complete_box_iou_loss
 
 from detkit.errors import ConfigError
+from detkit.heads.layout import ClassLayer, WeightLayout
 from detkit.heads.levels import select_levels
 from detkit.heads.params import WHERE, parse_params
 from detkit.heads.postprocess import Flat, batched_detections, split_per_image
@@ -241,3 +242,8 @@ def build_yolo_af_head(params, channels: dict[str, int], strides: dict[str, int]
     levels = select_levels("levels", p.levels, strides, list(strides)[-3:])
     return AnchorFreeHead(levels, [channels[k] for k in levels], [strides[k] for k in levels], num_classes, p,
                           int(image_size))
+
+
+# model.weights: the class branches' last convs have one output per class (no background); torchvision has no such
+# detector
+WEIGHTS = WeightLayout(class_layers=(ClassLayer(r"cls\.\d+\.2\.(weight|bias)", background=False),))

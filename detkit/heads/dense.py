@@ -6,7 +6,7 @@ count, and calls their parts -- the head (classification and box subnets), the a
 (RetinaNet: sigmoid focal loss + smooth L1 / GIoU over IoU-matched anchors; FCOS: focal loss + GIoU +
 centerness over centre-sampled points) and the post-processing (per-level top-k, score threshold, class-wise NMS) --
 on detkit's features and already-resized batches. Their module names stay torchvision's under ``head.net``, so
-torchvision's detection weights load (:func:`detkit.models.from_torchvision_dense`).
+torchvision's detection weights load (:data:`WEIGHTS`, :func:`from_torchvision_dense`).
 
 Levels: the head runs on ``levels`` (default: the neck's levels, ``p3-p7`` in the shipped configs, as torchvision's
 RetinaNet and FCOS). Anchors (RetinaNet): ``anchor_sizes`` per level (default ``4 * stride`` times 2^0,
@@ -17,6 +17,7 @@ post-processing loops over images in Python (torchvision's), so these heads expo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -29,6 +30,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
 
 from detkit.errors import ConfigError
+from detkit.heads.layout import FPN_BACKBONE, ClassLayer, WeightLayout, rename
 from detkit.heads.levels import select_levels
 from detkit.heads.params import WHERE, parse_params
 
@@ -175,3 +177,18 @@ def build_fcos_head(params, channels: dict[str, int], strides: dict[str, int], n
                center_sampling_radius=p.center_sampling_radius, score_thresh=p.score_thresh,
                nms_thresh=p.nms_thresh, detections_per_img=p.detections_per_img, topk_candidates=p.topk_candidates)
     return DenseHead(net, levels)
+
+
+# torchvision's RetinaNet / FCOS keys -> detkit's: the P6/P7 convs (LastLevelP6P7) are the neck's extra levels, the
+# rest of BackboneWithFPN as for R-CNN, and the subnets keep their names under the DenseHead's torchvision detector
+DENSE_KEYS = (("backbone.fpn.extra_blocks.p6.", "neck.fpn.extra_blocks.convs.0."),
+              ("backbone.fpn.extra_blocks.p7.", "neck.fpn.extra_blocks.convs.1."),
+              *FPN_BACKBONE, ("head.", "head.net.head."))
+WEIGHTS = WeightLayout(class_layers=(ClassLayer(r"net\.head\.classification_head\.cls_logits\.(weight|bias)"),),
+                       torchvision=partial(rename, renames=DENSE_KEYS), detectors="retinanet_*, fcos_*")
+
+
+def from_torchvision_dense(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A torchvision ``retinanet_*``/``fcos_*`` state dict under detkit's keys (:data:`DENSE_KEYS`), strictly: any
+    other key is a ``KeyError`` (``model.weights`` uses :data:`WEIGHTS`)."""
+    return rename(state_dict, DENSE_KEYS, strict=True)

@@ -41,6 +41,7 @@ from torchvision.ops import box_iou
 from torchvision.ops.misc import Conv2dNormActivation
 
 from detkit.errors import ConfigError
+from detkit.heads.layout import ClassLayer, WeightLayout
 from detkit.heads.levels import select_levels
 from detkit.heads.params import WHERE, parse_params
 from detkit.heads.postprocess import Flat, batched_detections, split_per_image
@@ -358,3 +359,9 @@ def from_torchvision_ssdlite(state_dict: Mapping[str, Tensor], c4_block: int = 1
         else:
             raise KeyError(f"unexpected torchvision key {key!r}")
     return out
+
+
+# SSD300 (the conv itself) and SSDlite (the 1x1 after the depthwise conv): (anchors x (background + classes)) outputs
+WEIGHTS = WeightLayout(
+    class_layers=(ClassLayer(r"predictor\.classification_head\.module_list\.\d+\.(1\.)?(weight|bias)"),),
+    torchvision=from_torchvision_ssd, detectors="ssd300_vgg16, ssdlite320_mobilenet_v3_large")

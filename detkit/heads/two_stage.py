@@ -4,13 +4,16 @@ The RPN (``AnchorGenerator`` + ``RPNHead`` + ``RegionProposalNetwork``) and the 
 ``TwoMLPHead``/``FastRCNNConvFCHead``, ``FastRCNNPredictor``, and for masks ``MaskRCNNHeads`` +
 ``MaskRCNNPredictor``) are torchvision's; detkit chooses the levels they run on from the neck's declared
 strides, sets every threshold from ``model.head.params`` (:class:`TwoStageParams`), and adds RoI max pooling
-over FPN levels (:class:`~detkit.heads.roi_pool.MultiScaleRoIPool`).
+over FPN levels (:class:`~detkit.heads.roi_pool.MultiScaleRoIPool`). Module names stay torchvision's, so its
+``fasterrcnn_*``/``maskrcnn_*`` weights load (:data:`WEIGHTS`, :func:`from_torchvision_rcnn`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +26,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import initLevelMapper
 
 from detkit.errors import ConfigError
+from detkit.heads.layout import FPN_BACKBONE, ClassLayer, WeightLayout, rename
 from detkit.heads.levels import select_levels
 from detkit.heads.params import WHERE, parse_params
 from detkit.heads.roi_pool import MultiScaleRoIPool
@@ -204,3 +208,21 @@ def paste_masks(mask_probs: Tensor, boxes: Tensor, size: tuple[int, int], thresh
     if mask_probs.numel() == 0:
         return torch.zeros((0, *size), dtype=torch.bool, device=boxes.device)
     return paste_masks_in_image(mask_probs, boxes, size)[:, 0] > threshold
+
+
+# torchvision's Faster / Mask R-CNN keys -> detkit's: BackboneWithFPN (LastLevelMaxPool, P6, has no weights: detkit's
+# model.neck.extra_op: maxpool), then the RPN and RoI heads, which keep torchvision's names under head.
+RCNN_KEYS = (*FPN_BACKBONE, ("rpn.", "head.rpn."), ("roi_heads.", "head.roi_heads."))
+WEIGHTS = WeightLayout(
+    class_layers=(ClassLayer(r"roi_heads\.box_predictor\.cls_score\.(weight|bias)"),
+                  ClassLayer(r"roi_heads\.box_predictor\.bbox_pred\.(weight|bias)", rows=4),
+                  ClassLayer(r"roi_heads\.mask_predictor\.mask_fcn_logits\.(weight|bias)")),
+    torchvision=partial(rename, renames=RCNN_KEYS), detectors="fasterrcnn_*, maskrcnn_*")
+
+
+def from_torchvision_rcnn(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename a torchvision ``fasterrcnn_*``/``maskrcnn_*`` state dict to detkit's keys, strictly (for a model
+    assembled by hand; ``model.weights`` uses :data:`WEIGHTS`): ``backbone.body.*`` -> ``backbone.network.*``
+    (MobileNet's numbered blocks -> ``backbone.network.features.N``), ``backbone.fpn.*`` -> ``neck.fpn.*``,
+    ``rpn.*`` -> ``head.rpn.*``, ``roi_heads.*`` -> ``head.roi_heads.*``; any other key is a ``KeyError``."""
+    return rename(state_dict, RCNN_KEYS, strict=True)
