@@ -77,12 +77,81 @@ def test_the_layering_check_catches_an_upward_import(tmp_path, monkeypatch):
         bad.unlink()
 
 
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_cycles() -> list[list[str]]:
+    """Groups of detkit modules that import each other, directly or round a longer loop, counting imports inside
+    functions too (a lazy import hides a circle, it does not open it). An import of ``a.b`` where ``b`` is a module
+    is an arrow to that module; of a name from a package, to the package (its ``__init__``)."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        if name == "detkit":
+            continue  # the facade
+        arrows = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                arrows |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                           for a in node.names}
+            elif isinstance(node, ast.Import):
+                arrows |= {a.name for a in node.names}
+        graph[name] = {m for m in arrows if m in modules and m not in (name, "detkit")}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(cycles)
+
+
+def test_no_module_imports_a_module_that_imports_it_back():
+    assert import_cycles() == []
+
+
+def test_the_circle_check_catches_a_lazy_circle():
+    a, b = PACKAGE / "utils" / "_circle_a.py", PACKAGE / "utils" / "_circle_b.py"
+    a.write_text("def f():\n    from detkit.utils import _circle_b\n")
+    b.write_text("from detkit.utils._circle_a import f\n")
+    try:
+        assert import_cycles() == [["detkit.utils._circle_a", "detkit.utils._circle_b"]]
+    finally:
+        a.unlink()
+        b.unlink()
+
+
 def test_registered_targets_live_with_their_registry():
     """Lazy targets (``"module:attribute"``) point into their own package, never up the floors."""
     from detkit.backbones import BACKBONES
+    from detkit.data.formats import FORMATS
     from detkit.necks import NECKS
 
-    for registry, package in ((HEADS, "detkit.heads."), (NECKS, "detkit.necks."), (BACKBONES, "detkit.backbones.")):
+    for registry, package in ((HEADS, "detkit.heads."), (NECKS, "detkit.necks."), (BACKBONES, "detkit.backbones."),
+                              (FORMATS, "detkit.data.")):
         entries = [registry.entry(n) for n in registry.names()] + list(registry._prefixes.values())
         for entry in entries:
             if isinstance(entry.target, str):

@@ -89,21 +89,22 @@ def test_the_budget_is_a_hard_stop(shapes_dir, tmp_path):
 
 
 def test_the_last_epochs_train_without_mosaic(shapes_dir):
-    from detkit.engine.run import build_datamodule, no_mosaic_epoch
+    from detkit.engine.optim import no_mosaic_epoch
+    from detkit.engine.run import build_datamodule
 
     cfg = load_config(TINY_CONFIG, tiny_detector_overrides(shapes_dir, "unused", "train.epochs=10",
                                                            "train.close_mosaic=0.2",
                                                            "data.transforms.train=[{name: Mosaic, p: 1.0}]"))
     dm = build_datamodule(cfg)
     dm.setup("fit")
-    assert no_mosaic_epoch(cfg, dm) == 8
+    assert no_mosaic_epoch(cfg, len(dm.train_dataloader())) == 8
     dm.no_mosaic_from = 8
     dm.train_dataloader()
     for epoch, extra in ((0, 3), (7, 3), (8, 0), (9, 0)):
         dm.set_epoch(epoch)
         assert dm.dataset("train").transform.extra_samples == extra, epoch
     cfg.train.total_steps = 40  # 8 steps per epoch: 5 epochs, the last one without Mosaic
-    assert no_mosaic_epoch(cfg, dm) == 4
+    assert no_mosaic_epoch(cfg, len(dm.train_dataloader())) == 4
 
 
 def test_the_calibration_counts_loader_restarts_and_leaves_warm_up_out():
@@ -135,7 +136,7 @@ def test_the_plan_fills_the_budget_with_what_the_calibration_measured(monkeypatc
     dm.setup("fit")
     measured = {"step": 0.5, "transition": 1.0, "val_batch": 0.25, "val_fixed": 0.5, "val_first": 2.0}
     monkeypatch.setattr(budget, "_calibrate", lambda *a: measured)
-    found = budget.plan(cfg, dm, 600.0, time.perf_counter())
+    found = budget.plan(cfg, dm, 600.0, time.perf_counter(), trial=None)  # (not called: measured)
     spe, total = found["steps_per_epoch"], found["total_steps"]
     epochs = -(-total // spe)
     per_validation = 0.5 + budget.validation_batches(cfg, dm) * 0.25

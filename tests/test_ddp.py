@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, TINY_CONFIG, tiny_detector_overrides
-
-
-def detkit_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "detkit", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+from conftest import TINY_CONFIG, detkit_cli, tiny_detector_overrides
 
 
 @pytest.fixture(scope="module")

@@ -259,3 +259,28 @@ def test_mask_rcnn_trains_on_real_instance_masks(config, tmp_path):
 
     w, h = Image.open(image).size
     assert out["masks"].shape[1:] == (h, w) and len(out["masks"]) == len(out["boxes"])
+
+
+def test_a_short_train_says_what_detkit_knows_not_lightnings_hints(shapes_dir, tmp_path, capsys, caplog, recwarn):
+    """Stopped by max_steps before its first validation: no Lightning hint about logging the monitored key, no
+    log-interval warning, no FLOPs column of zeros; detkit says that best.ckpt holds the final weights."""
+    import logging
+    import warnings
+
+    from detkit.cli import main
+
+    warnings.simplefilter("always")  # (a warning Lightning gave in an earlier test must show here too)
+    caplog.set_level(logging.INFO)
+    overrides = [o for o in tiny_detector_overrides(shapes_dir, tmp_path / "run", "trainer.max_steps=2",
+                                                    "trainer.enable_model_summary=true")
+                 if "enable_model_summary=false" not in o]
+    assert main(["train", str(TINY_CONFIG), *overrides]) == 0
+    said = capsys.readouterr()
+    text = "\n".join([said.out, said.err, caplog.text, *(str(w.message) for w in recwarn)])
+    for noise in ("HINT", "could not find the monitored key", "log_every_n_steps", "logging interval", "FLOPs",
+                  "litlogger"):
+        assert noise not in text, noise
+    assert "no validation ran before training stopped (step 2): best.ckpt holds the final weights" in text
+    assert "model: backbone resnet18" in text and "head faster_rcnn" in text
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert best["global_step"] == 2

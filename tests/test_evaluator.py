@@ -14,7 +14,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from conftest import FIXTURES, shapes_cfg
+from conftest import FIXTURES, run_gloo, shapes_cfg
 from detkit.data.build import build_dataset
 from detkit.errors import ConfigError, DataError
 from detkit.evaluation import (
@@ -91,36 +91,27 @@ def test_repeated_images_count_once_and_unknown_images_are_left_out(caplog):
     assert "1 predicted images are not in the ground truth" in caplog.text
 
 
-def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        gt, predictions = synthetic_case()
-        indices = list(range(len(predictions)))
-        indices += indices[:1]  # DistributedSampler pads 21 images to 22 by repeating the first
-        mine = indices[rank::world] + ([4] if rank == 1 else [])  # image index 4 also done by rank 1
-        evaluator = DetectionEvaluator(gt)
-        for start in range(0, len(mine), 4):
-            batch = mine[start:start + 4]
-            evaluator.update([predictions[i] for i in batch], [gt["images"][i]["id"] for i in batch])
-        evaluator.gather()
-        with open(f"{out_dir}/rank{rank}.json", "w") as f:
-            json.dump({"n": len(evaluator), "metrics": evaluator.compute()}, f)
-    finally:
-        dist.destroy_process_group()
+def _gather_body(rank: int, world: int) -> dict:
+    gt, predictions = synthetic_case()
+    indices = list(range(len(predictions)))
+    indices += indices[:1]  # DistributedSampler pads 21 images to 22 by repeating the first
+    mine = indices[rank::world] + ([4] if rank == 1 else [])  # image index 4 also done by rank 1
+    evaluator = DetectionEvaluator(gt)
+    for start in range(0, len(mine), 4):
+        batch = mine[start:start + 4]
+        evaluator.update([predictions[i] for i in batch], [gt["images"][i]["id"] for i in batch])
+    evaluator.gather()
+    return {"n": len(evaluator), "metrics": evaluator.compute()}
 
 
 @pytest.mark.timeout(180)
 def test_gather_under_two_gloo_processes(tmp_path):
-    torch.multiprocessing.spawn(_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = run_gloo(_gather_body, tmp_path)
     gt, predictions = synthetic_case()
     single = DetectionEvaluator(gt)
     single.update(predictions, [img["id"] for img in gt["images"]])
     expected = json.loads(json.dumps(single.compute()))
-    for rank in range(2):
-        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for got in ranks:
         assert got["n"] == 21 and got["metrics"] == expected
     assert 0.2 < expected["bbox_AP"] < 0.95
 

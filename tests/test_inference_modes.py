@@ -22,9 +22,10 @@ from detkit.config import load_config
 from detkit.errors import ConfigError, DataError
 from detkit.heads.registry import HeadTraits
 from detkit.inference import Predictor
+from detkit.inference.export import onnx_tile_runner
 from detkit.inference.merge import merge_detections, suppress
 from detkit.inference.run import predict_video
-from detkit.inference.tiling import Tiling, onnx_tile_runner, predict_tiled, tile_windows
+from detkit.inference.tiling import Tiling, predict_tiled, tile_windows
 from detkit.inference.tta import TTA, tta_predict
 from detkit.inference.video import StreamStalled, read_frames
 from detkit.models import Detector

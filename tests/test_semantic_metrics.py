@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_gloo
 from detkit.data.dataset import SEMANTIC_IGNORE
 from detkit.evaluation import (
     SemanticEvaluator,
@@ -214,36 +215,26 @@ def test_evaluator_stores_133_classes_compactly():
     assert evaluator.compute() == {**semantic_metrics(dense), "images": 20}
 
 
-def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        pairs = random_maps(9, 4, seed=2)
-        indices = list(range(9)) + [0]  # DistributedSampler pads 9 images to 10 by repeating the first
-        mine = indices[rank::world] + ([4] if rank == 1 else [])  # image 4 also done by rank 1
-        evaluator = SemanticEvaluator(4, ["a", "b", "c", "d"])
-        for start in range(0, len(mine), 3):
-            batch = mine[start:start + 3]
-            evaluator.update([pairs[i][0] for i in batch], [pairs[i][1] for i in batch], [100 + i for i in batch])
-        evaluator.gather()
-        with open(f"{out_dir}/rank{rank}.json", "w") as f:
-            json.dump({"n": len(evaluator), "confusion": evaluator.confusion.tolist(),
-                       "metrics": evaluator.compute()}, f)
-    finally:
-        dist.destroy_process_group()
+def _gather_body(rank: int, world: int) -> dict:
+    pairs = random_maps(9, 4, seed=2)
+    indices = list(range(9)) + [0]  # DistributedSampler pads 9 images to 10 by repeating the first
+    mine = indices[rank::world] + ([4] if rank == 1 else [])  # image 4 also done by rank 1
+    evaluator = SemanticEvaluator(4, ["a", "b", "c", "d"])
+    for start in range(0, len(mine), 3):
+        batch = mine[start:start + 3]
+        evaluator.update([pairs[i][0] for i in batch], [pairs[i][1] for i in batch], [100 + i for i in batch])
+    evaluator.gather()
+    return {"n": len(evaluator), "confusion": evaluator.confusion.tolist(), "metrics": evaluator.compute()}
 
 
 @pytest.mark.timeout(120)
 def test_gather_under_two_gloo_processes_equals_one_process(tmp_path):
-    torch.multiprocessing.spawn(_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = run_gloo(_gather_body, tmp_path)
     pairs = random_maps(9, 4, seed=2)
     single = SemanticEvaluator(4, ["a", "b", "c", "d"])
     single.update([p for p, _ in pairs], [t for _, t in pairs], [100 + i for i in range(9)])
     expected = json.loads(json.dumps(single.compute()))
-    for rank in range(2):
-        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for got in ranks:
         assert got["n"] == 9
         assert got["confusion"] == single.confusion.tolist()
         assert got["metrics"] == expected  # exactly, not approximately

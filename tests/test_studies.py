@@ -14,7 +14,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import QUIET_TRAINER, ROOT, shapes_data_overrides
 from detkit.analysis import design_study, study
 from detkit.analysis.design_space import Budget, sample_space
 from detkit.analysis.design_study import parse_widths, run_design_space, sample_overrides
@@ -32,14 +32,8 @@ YOLO_SHAPES = ROOT / "configs" / "yolo" / "shapes.yaml"
 
 def tiny_task(root: Path) -> list[str]:
     """Overrides of configs/yolo/shapes.yaml: a few steps at 64 px on the session's small shapes set."""
-    return [
-        f"data.train.images={root}/images/train", f"data.train.annotations={root}/annotations/instances_train.json",
-        f"data.val.images={root}/images/val", f"data.val.annotations={root}/annotations/instances_val.json",
-        "data.generate=null", "data.image_size=64", "data.batch_size=4", "data.num_workers=0",
-        "model.neck.out_channels=16", "train.epochs=1", "train.warmup_iters=1", "trainer.limit_train_batches=2",
-        "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-        "trainer.accelerator=cpu",
-    ]
+    return [*shapes_data_overrides(root), "model.neck.out_channels=16", "train.epochs=1", "train.warmup_iters=1",
+            "trainer.limit_train_batches=2", "trainer.limit_val_batches=2", *QUIET_TRAINER]
 
 
 def results(folder: Path) -> dict[str, dict]:

@@ -4,8 +4,6 @@ original image, training through the engine, evaluation and prediction outputs."
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TINY_CONFIG, tiny_detector_overrides
+from conftest import QUIET_TRAINER, ROOT, TINY_CONFIG, detkit_cli, shapes_data_overrides, tiny_detector_overrides
 from detkit.config import load_config
 from detkit.errors import ConfigError, DataError
 from detkit.heads import dice_loss, segmentation_loss
@@ -197,20 +195,8 @@ def test_a_few_steps_lower_the_loss(shapes_dir):
 
 # ---------------------------------------------------------------------------------------- engine and CLI
 def unet_overrides(root, out, *extra: str) -> list[str]:
-    return [f"data.train.images={root}/images/train", f"data.train.annotations={root}/semantic/train",
-            f"data.val.images={root}/images/val", f"data.val.annotations={root}/semantic/val",
-            "data.generate=null", "data.image_size=64", "data.batch_size=4", "data.num_workers=0",
-            "model.head.params.decoder_channels=[32,16,16,8,8]", "train.warmup_iters=2",
-            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.accelerator=cpu",
-            f"output_dir={out}", *extra]
-
-
-def detkit_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    import os
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "detkit", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return [*shapes_data_overrides(root, semantic=True), "model.head.params.decoder_channels=[32,16,16,8,8]",
+            "train.warmup_iters=2", *QUIET_TRAINER, f"output_dir={out}", *extra]
 
 
 @pytest.fixture(scope="module")

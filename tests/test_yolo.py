@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import QUIET_TRAINER, shapes_data_overrides
 from detkit import build_model, load_config
 from detkit.errors import ConfigError
 from detkit.heads.yolo import build_yolo_head, decode, encode, make_grid
@@ -162,13 +163,9 @@ def test_loss_is_zero_box_and_cls_and_low_obj_for_a_perfect_prediction():
 
 
 def tiny(tmp_path, shapes_dir, *extra):
-    root = shapes_dir
-    return [f"data.train.images={root}/images/train", f"data.train.annotations={root}/annotations/instances_train.json",
-            f"data.val.images={root}/images/val", f"data.val.annotations={root}/annotations/instances_val.json",
-            "data.generate=null", "data.image_size=64", "data.batch_size=4", "data.num_workers=0",
-            "model.neck.out_channels=32", "model.head.params.head_convs=1", "train.warmup_iters=2",
-            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.accelerator=cpu",
-            "trainer.check_val_every_n_epoch=1", f"output_dir={tmp_path / 'run'}", *extra]
+    return [*shapes_data_overrides(shapes_dir), "model.neck.out_channels=32", "model.head.params.head_convs=1",
+            "train.warmup_iters=2", *QUIET_TRAINER, "trainer.check_val_every_n_epoch=1",
+            f"output_dir={tmp_path / 'run'}", *extra]
 
 
 def test_loss_falls_over_a_few_steps_on_shapes(shapes_dir, tmp_path):

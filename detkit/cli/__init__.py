@@ -39,19 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_lightning() -> None:
-    """Lightning's messages once (through its own handler, not ours too), without its advertising."""
-    import warnings
-
+    """Lightning's messages once (through its own handler, not ours too)."""
     import lightning  # noqa: F401  (attaches its handler to the "lightning" logger)
 
     for handler in logging.getLogger().handlers:
         handler.addFilter(lambda record: not record.name.startswith("lightning"))
-    for handler in logging.getLogger("lightning").handlers:
-        handler.addFilter(lambda record: "litlogger" not in record.getMessage())
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval")
-    # the evaluator counts each image once (sampler padding de-duplicated by image id): the advice does not apply
-    warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders")
+    # (the engine leaves out Lightning's warnings and tips that do not apply: detkit.engine.run.quiet_lightning)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

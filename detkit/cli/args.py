@@ -29,23 +29,45 @@ def dataset_from_args(args: argparse.Namespace):
         classes = [c.strip() for c in classes.split(",") if c.strip()]
     cfg = load_config(None, args.overrides)
     ds = {"format": args.format, "images": args.images, "annotations": args.annotations, "split": args.split,
-          "classes": classes, "label_suffix": args.label_suffix, "ignore_index": args.ignore_index, "name": None}
-    return ds, cfg, "--format"
+          "classes": classes, "name": None}
+    from detkit.data.formats import all_options
+
+    given = {name: getattr(args, name) for name in all_options() if getattr(args, name, None) is not None}
+    for name in given:  # an option of another format is one line naming its flag
+        if name not in option_fields_of(args.format):
+            flag = "--" + name.replace("_", "-")
+            raise DetkitError(f"{flag}: --format {args.format} has no such option (it is one of "
+                              f"{', '.join(all_options()[name][1])})")
+    return {**ds, **given}, cfg, "--format"
+
+
+def option_fields_of(fmt: str) -> list[str]:
+    from detkit.data.formats import known_format, option_fields
+
+    return list(option_fields(known_format(fmt, "--format")))
 
 
 def add_dataset_args(p: argparse.ArgumentParser, config: bool = True) -> None:
+    """CONFIG [overrides] or ``--format`` (every registered format) with its paths and its own options (one flag per
+    option of any format, ``--label-suffix``; unset: the format's default)."""
+    from detkit.data.formats import FORMATS, all_options
+
     if config:
         p.add_argument("config", nargs="?", help="a config (its data.<split> is used)")
         p.add_argument("overrides", nargs="*", help="key=value config overrides")
     else:
         p.set_defaults(config=None, overrides=[])
     p.add_argument("--split", default=None, help="with CONFIG: train|val|test; with --format: a file of image ids")
-    p.add_argument("--format", choices=("coco", "voc", "yolo", "masks", "instance_masks"))
+    p.add_argument("--format", choices=FORMATS.names())
     p.add_argument("--images", help="image folder")
-    p.add_argument("--annotations", help="annotation file (coco) or folder (voc, yolo, masks)")
+    p.add_argument("--annotations", help="annotation file or folder: " + "; ".join(
+        f"{n}: {FORMATS.traits(n).annotations or 'optional'}" for n in FORMATS.names()))
     p.add_argument("--classes", help="class names, comma-separated, or a YAML/text file")
-    p.add_argument("--label-suffix", default="", help="masks: <image stem><suffix>.png (PennFudan: _mask)")
-    p.add_argument("--ignore-index", type=int, default=255, help="masks: the label value not trained on")
+    for name, (f, formats) in all_options().items():
+        default = f.default
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
+                       type=type(default) if isinstance(default, int | float | str) else str,
+                       help=f"{', '.join(formats)}: {f.metadata.get('help', '')} (default {default!r})")
 
 
 def split_config_and_overrides(items: list[str], resume: str | None) -> tuple[str | None, list[str]]:

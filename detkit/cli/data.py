@@ -82,16 +82,16 @@ def _data_show(args: argparse.Namespace) -> int:
 
 def _data_convert(args: argparse.Namespace) -> int:
     from detkit.data.build import build_dataset
-    from detkit.data.to_coco import to_coco
-    from detkit.data.writers import WRITERS
+    from detkit.data.formats import FORMATS, convert_sources, convert_targets
 
-    if args.to not in ("coco", *WRITERS):
-        raise DetkitError(f"--to {args.to!r}: expected coco, yolo or voc")
-    if args.format not in ("voc", "yolo", "instance_masks", "coco"):
-        raise DetkitError(f"--format {args.format!r}: convert takes coco, voc, yolo or instance_masks")
+    if args.to not in convert_targets():
+        raise DetkitError(f"--to {args.to!r}: expected {' or '.join(convert_targets())}")
+    if args.format not in convert_sources():
+        raise DetkitError(f"--format {args.format!r}: convert takes {', '.join(convert_sources())} (datasets of "
+                          f"objects)")
     ds_cfg, cfg, key = dataset_from_args(args)
     dataset = build_dataset(ds_cfg, with_masks=False, key=key, max_pixels=cfg.data.max_image_pixels)
-    write = to_coco if args.to == "coco" else WRITERS[args.to]
+    write = FORMATS.entry(args.to).traits.write()
     counts = write(dataset, args.out, args.images)
     left = f", {counts['crowd_left_out']} crowd boxes left out ({args.to} has none)" \
         if counts.get("crowd_left_out") else ""
@@ -207,9 +207,11 @@ def add_parsers(sub) -> None:
     show.add_argument("--image-size", type=positive_int, default=None, help="default: data.image_size")
     show.add_argument("--seed", type=seed_int, default=0)
     show.set_defaults(func=_data_show)
-    convert = data_sub.add_parser("convert", help="write a dataset as COCO JSON, YOLO txt or VOC XML")
+    from detkit.data.formats import convert_targets
+
+    convert = data_sub.add_parser("convert", help=f"write a dataset in another format ({', '.join(convert_targets())})")
     add_dataset_args(convert, config=False)
-    convert.add_argument("--to", default="coco", choices=("coco", "yolo", "voc"), help="target format (coco)")
+    convert.add_argument("--to", default="coco", choices=convert_targets(), help="target format (coco)")
     convert.add_argument("out", help="the COCO JSON file, or the folder (yolo, voc), to write")
     convert.set_defaults(func=_data_convert)
     shapes = data_sub.add_parser("make-shapes", help="write the generated shapes dataset (COCO JSON + masks)")

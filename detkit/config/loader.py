@@ -41,7 +41,23 @@ with warnings.catch_warnings():
 
 
 def _schema() -> DictConfig:
-    return OmegaConf.structured(Config)
+    schema = OmegaConf.structured(Config)
+    _open(schema)
+    return schema
+
+
+def _open(node: DictConfig) -> None:
+    """Nodes whose dataclass declares ``open_keys`` (a dataset block) accept keys the schema does not list."""
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not _is_free_form(child):
+            if _is_open(child):
+                OmegaConf.set_struct(child, False)
+            _open(child)
+
+
+def _is_open(node: Any) -> bool:
+    return isinstance(node, DictConfig) and bool(getattr(OmegaConf.get_type(node), "open_keys", None))
 
 
 # --------------------------------------------------------------------------------------------- reading files
@@ -111,6 +127,8 @@ def _check_keys(data: dict, schema: DictConfig, source: str, prefix: str = "") -
         if not isinstance(key, str):
             raise ConfigError(f"{source}: config key {full!r} must be a string")
         if key not in schema:
+            if _is_open(schema):
+                continue  # the part's own option: its part checks it (e.g. detkit.data.formats)
             known = [str(k) for k in schema.keys()]
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known keys here: {', '.join(known)})"

@@ -6,8 +6,10 @@ constructor arguments of the parts they configure (``model.backbone`` -> :func:`
 ``choices`` metadata, numbers that have bounds ``range`` metadata (:func:`ranged`), checked after loading (see
 :mod:`detkit.config.loader`); no float anywhere may be NaN or infinite. (A part's own parameters -- the RegNet /
 AnyNet / EfficientNet ones, ``model.head.params`` -- are checked by the part's builder, with its own messages.)
-The names of parts (``model.backbone.name``, ``model.neck.name``, ``model.head.name``) are not listed here: each is
-checked against its registry (``detkit.models.check_model_config``), the one place that knows them.
+The names of parts (``model.backbone.name``, ``model.neck.name``, ``model.head.name``, ``data.<split>.format``) are not
+listed here: each is checked against its registry (``detkit.models.check_model_config``,
+``detkit.data.formats.check_dataset_config``), the one place that knows them. A dataclass with ``open_keys`` (a
+dataset block) also takes keys it does not declare: its part's own options, checked by that part.
 
 Sections that pass arguments through to a library (``model.backbone.kwargs`` for timm, ``trainer.extra``
 for Lightning) are free-form dicts.
@@ -16,7 +18,7 @@ for Lightning) are free-form dicts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 def choice(default: Any, *choices: Any) -> Any:
@@ -128,16 +130,18 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
-    """One dataset. ``classes``: a list of names, a mapping {id: name}, or a YAML/text file of names."""
+    """One dataset: the keys every format has. ``classes``: a list of names, a mapping {id: name}, or a YAML/text file
+    of names. The block also takes its format's own options (``label_suffix: _mask``): the format's reader declares
+    them, with their defaults, and checks them (``detkit.data.formats``: ``FORMATS``, ``check_dataset_config``)."""
 
-    format: str | None = choice(None, None, "coco", "voc", "yolo", "masks", "instance_masks")
+    open_keys: ClassVar[str] = "the format's own options"  # keys beyond these fields are allowed (the loader)
+
+    format: str | None = None  # a name in detkit.data.FORMATS (null: no such split)
     images: str | None = None
     annotations: str | None = None
     split: str | None = None
     classes: Any = None
     name: str | None = None
-    label_suffix: str = ""  # masks / instance_masks: <image stem><label_suffix>.png (PennFudan: "_mask")
-    ignore_index: int = 255  # masks: the label value of unlabeled pixels in the files
 
 
 @dataclass

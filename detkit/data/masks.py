@@ -25,6 +25,7 @@ labeled), whatever their value.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,12 +94,29 @@ def instance_boxes(ids: np.ndarray) -> np.ndarray:
     return boxes.astype(np.float32)
 
 
+@dataclass
+class InstanceMaskOptions:
+    """``instance_masks``' own options (``data.<split>.<option>``)."""
+
+    label_suffix: str = field(default="", metadata={"help": "the mask of <stem>.jpg is <stem><suffix>.png "
+                                                            "(PennFudan: _mask)"})
+
+
+@dataclass
+class SemanticMaskOptions(InstanceMaskOptions):
+    """``masks``' own options (``data.<split>.<option>``)."""
+
+    ignore_index: int | str = field(default=255, metadata={"help": "the pixel value of unlabeled pixels in the files "
+                                                                   "(CamVid: 11)"})
+
+
 class SemanticMaskDataset(DetectionDataset):
     task = "semantic"
+    Options = SemanticMaskOptions
 
     def __init__(self, images: str | Path, annotations: str | Path, split: str | Path | None = None,
                  classes: Any = None, name: str | None = None, transform=None, label_suffix: str = "",
-                 ignore_index: int = 255, max_pixels: int | None = None) -> None:
+                 ignore_index: int | str = 255, max_pixels: int | None = None) -> None:
         super().__init__(name or Path(images).name, transform, max_pixels)
         given = resolve_classes(classes)
         if given is None:
@@ -133,11 +151,13 @@ class SemanticMaskDataset(DetectionDataset):
 
 class InstanceMaskDataset(DetectionDataset):
     task = "instance"
+    Options = InstanceMaskOptions
 
     def __init__(self, images: str | Path, annotations: str | Path, split: str | Path | None = None,
                  classes: Any = None, name: str | None = None, transform=None, label_suffix: str = "",
-                 max_pixels: int | None = None) -> None:
+                 max_pixels: int | None = None, with_masks: bool = True) -> None:
         super().__init__(name or Path(images).name, transform, max_pixels)
+        self.with_masks = with_masks  # False: samples carry boxes only (the masks still give the boxes)
         given = resolve_classes(classes) or (["object"], [1])
         if len(given[0]) != 1:
             raise DataError("instance_masks datasets have one class: set data.*.classes to one name")
@@ -171,4 +191,5 @@ class InstanceMaskDataset(DetectionDataset):
         self.problems.report()
 
     def add_masks(self, sample: dict[str, Any], record: Record) -> None:
-        sample["masks"] = instance_masks_from_ids(read_label_png(record.mask_file, self.max_pixels))
+        if self.with_masks:
+            sample["masks"] = instance_masks_from_ids(read_label_png(record.mask_file, self.max_pixels))

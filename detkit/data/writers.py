@@ -13,7 +13,6 @@ The images themselves are not copied. YOLO and VOC have no crowd regions: crowd 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 from xml.etree import ElementTree as ET
 
 from detkit.data.dataset import DetectionDataset
@@ -103,5 +102,3 @@ def to_voc(dataset: DetectionDataset, out: str | Path, images_root: str | Path) 
     write_text(_dataset_yaml(dataset, "voc", Path(images_root), out), out / "dataset.yaml")
     return counts
 
-
-WRITERS: dict[str, Any] = {"yolo": to_yolo, "voc": to_voc}

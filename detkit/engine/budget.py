@@ -10,7 +10,10 @@ schedule (warmup, cosine or multistep, the final no-mosaic phase, EMA) is then l
 a rerun with that step count repeats the run exactly, on any machine. ``trainer.max_time`` is set to what is
 left of the budget, so training stops at the budget whatever happens (a slower machine stops early, with
 ``last.ckpt`` saved where it stopped). The progress bar shows the minutes left; ``budget.json`` in the run
-directory records the plan next to the seconds the run took."""
+directory records the plan next to the seconds the run took.
+
+:class:`Budget` is all of it for one run (``engine.run.train`` holds one): the plan, the re-plan, the callbacks and
+``budget.json``. The calibration's throw-away run is given to it (``trial``), so this module needs no engine."""
 
 from __future__ import annotations
 
@@ -23,10 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from omegaconf import DictConfig
 
+from detkit.engine.optim import limited, steps_per_epoch
 from detkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
+Trial = Callable[[DictConfig, list], None]  # fits a config with extra callbacks, in a throw-away run directory
 
 UNITS = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, "hr": 3600, "d": 86400}
 PART = re.compile(r"(\d+(?:\.\d+)?)\s*(d|hr|h|min|m|sec|s)")
@@ -42,21 +48,6 @@ def parse_budget(text: Any) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ConfigError(f"train.budget = {text!r}: expected a positive duration")
     return seconds
-
-
-def limited(batches: int, limit: Any) -> int:
-    """``batches`` after a Lightning ``limit_*_batches`` (an int caps them, a float keeps that fraction)."""
-    if isinstance(limit, int) and not isinstance(limit, bool):
-        return min(batches, limit)
-    if isinstance(limit, float):
-        return max(1, int(batches * limit)) if batches else 0
-    return batches
-
-
-def steps_per_epoch(cfg: Any, batches: int) -> int:
-    """Optimizer steps per epoch of ``batches`` training batches (``trainer.limit_train_batches`` applied)."""
-    batches = limited(batches, cfg.trainer.limit_train_batches)
-    return max(1, math.ceil(batches / int(cfg.trainer.accumulate_grad_batches)))
 
 
 class _Clock(L.Callback):
@@ -141,25 +132,18 @@ def costs(clock: _Clock) -> dict[str, float]:
             "val_fixed": steady, "val_first": max(0.0, fixed[0] - steady) if fixed else 0.0}
 
 
-def _calibrate(cfg: Any, dm: Any, steps: int) -> dict[str, float]:
-    """Two short epochs of a throw-away run through the same engine (Lightning, callbacks, a checkpoint per epoch,
-    one validation of two batches each): see :func:`costs`."""
+def _calibrate(cfg: Any, steps: int, trial: Trial) -> dict[str, float]:
+    """Two short epochs of a throw-away run through the same engine (``trial``: Lightning, callbacks, a checkpoint per
+    epoch, one validation of two batches each): see :func:`costs`."""
     import copy
-    import tempfile
 
-    from detkit.engine.module import DetectionModule
-    from detkit.engine.run import build_trainer
-
-    trial = copy.deepcopy(cfg)
-    trial.train.budget, trial.train.total_steps, trial.train.ema.enabled = None, None, cfg.train.ema.enabled
-    trial.trainer.update(max_steps=-1, max_time=None, limit_train_batches=steps, limit_val_batches=2,
+    short = copy.deepcopy(cfg)
+    short.train.budget, short.train.total_steps = None, None
+    short.trainer.update(max_steps=-1, max_time=None, limit_train_batches=steps, limit_val_batches=2,
                          check_val_every_n_epoch=1, enable_model_summary=False, num_sanity_val_steps=0)
-    trial.train.epochs = 2
+    short.train.epochs = 2
     clock = _Clock()
-    with tempfile.TemporaryDirectory(prefix="detkit-budget-") as tmp:
-        module = DetectionModule(trial, classes=dm.classes)
-        trainer = build_trainer(trial, Path(tmp), callbacks=[clock])
-        trainer.fit(module, datamodule=dm)
+    trial(short, [clock])
     return costs(clock)
 
 
@@ -171,11 +155,11 @@ def validation_batches(cfg: Any, dm: Any) -> int:
     return limited(math.ceil(len(val) / int(cfg.data.batch_size)), cfg.trainer.limit_val_batches)
 
 
-def plan(cfg: Any, dm: Any, budget: float, started: float, steps: int = 5) -> dict[str, Any]:
-    """Time a short run (:func:`_calibrate`) and fix ``total_steps`` so that training, its epoch transitions and
-    its validations fit in what is left of ``budget`` seconds (counted from ``started``)."""
+def plan(cfg: Any, dm: Any, budget: float, started: float, trial: Trial, steps: int = 5) -> dict[str, Any]:
+    """Time a short run (:func:`_calibrate` through ``trial``) and fix ``total_steps`` so that training, its epoch
+    transitions and its validations fit in what is left of ``budget`` seconds (counted from ``started``)."""
     spe = steps_per_epoch(cfg, len(dm.train_dataloader()))
-    cost = _calibrate(cfg, dm, min(steps, spe))
+    cost = _calibrate(cfg, min(steps, spe), trial)
     step_s = cost["step"] * int(cfg.trainer.accumulate_grad_batches)
     batches = validation_batches(cfg, dm)
     per_validation = cost["val_fixed"] + batches * cost["val_batch"] if batches else 0.0
@@ -202,31 +186,6 @@ def fit_steps(left: float, step_s: float, spe: int, every: int, per_validation: 
         val_s = validations * per_validation + once
         total = max(1, int((1 - reserve) * (left - val_s - (last - first) * transition) / step_s))
     return total, val_s
-
-
-def apply_budget(cfg: Any, dm: Any, started: float) -> dict[str, Any] | None:
-    """With ``train.budget`` and no ``train.total_steps`` yet: plan the run and set ``train.total_steps`` (in
-    ``cfg``, so ``config.yaml`` records it). Returns the plan (``None`` without a budget)."""
-    if not cfg.train.budget or cfg.train.total_steps is not None:
-        return None
-    budget = parse_budget(cfg.train.budget)
-    found = plan(cfg, dm, budget, started)
-    cfg.train.total_steps = int(found["total_steps"])
-    # the warmup as it runs (at most a third of the plan), written down: a re-plan during it keeps it
-    cfg.train.warmup_iters = min(int(cfg.train.warmup_iters), cfg.train.total_steps // 3)
-    log.info("train.budget = %s: %d steps (%.3f s each, %d per epoch, %.2f s per epoch transition), about %.0f s "
-             "of validation; train.total_steps=%d is in config.yaml (a rerun with it repeats this run)",
-             cfg.train.budget, found["total_steps"], found["step_seconds"], found["steps_per_epoch"],
-             found["epoch_transition_seconds"], found["validation_seconds"], found["total_steps"])
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # the run starts as one without calibration
-    return found
-
-
-def time_left(cfg: Any, started: float, reserve: float = 0.0) -> float | None:
-    """Seconds of ``train.budget`` left after ``started`` (less ``reserve``); ``None`` without a budget."""
-    if not cfg.train.budget:
-        return None
-    return max(1.0, parse_budget(cfg.train.budget) - (time.perf_counter() - started) - reserve)
 
 
 class BudgetProgress(L.Callback):
@@ -290,3 +249,89 @@ class BudgetReplan(_Clock):
         log.info("train.budget: re-planned from the run's own timings at step %d: %d -> %d steps "
                  "(train.total_steps in config.yaml)", step, p["total_steps"], total)
         self.apply(trainer, total)
+
+
+class Budget:
+    """``train.budget`` of one run: its plan, its one re-plan, its callbacks and ``budget.json``.
+
+    ``Budget.of(cfg, started, resumed_from)`` (``None`` without a budget); :meth:`plan` before the model is built
+    (sets ``train.total_steps``: a new run's plan, or the resumed run's own); :meth:`callbacks` when the trainer is
+    built (the progress bar's minutes left, the re-plan; :attr:`max_time` is the hard stop); :meth:`record` after
+    training (``budget.json``)."""
+
+    def __init__(self, cfg: DictConfig, started: float, resumed_from: Path | None = None) -> None:
+        self.cfg, self.started, self.resumed_from = cfg, started, resumed_from
+        self.seconds = parse_budget(cfg.train.budget)
+        self.planned: dict[str, Any] | None = None
+        self.replan: BudgetReplan | None = None
+        self.max_time: float | None = None
+
+    @classmethod
+    def of(cls, cfg: DictConfig, started: float, resumed_from: Path | None = None) -> Budget | None:
+        return cls(cfg, started, resumed_from) if cfg.train.budget else None
+
+    def plan(self, dm: Any, trial: Trial) -> None:
+        """``train.total_steps`` (in the config, so ``config.yaml`` records it): given already (a rerun), the resumed
+        run's own (its ``config.yaml``), or planned by timing a few steps through ``trial``."""
+        t = self.cfg.train
+        if t.total_steps is not None or self._resumed_plan():
+            return
+        self.planned = plan(self.cfg, dm, self.seconds, self.started, trial)
+        t.total_steps = int(self.planned["total_steps"])
+        # the warmup as it runs (at most a third of the plan), written down: a re-plan during it keeps it
+        t.warmup_iters = min(int(t.warmup_iters), t.total_steps // 3)
+        p = self.planned
+        log.info("train.budget = %s: %d steps (%.3f s each, %d per epoch, %.2f s per epoch transition), about %.0f "
+                 "s of validation; train.total_steps=%d is in config.yaml (a rerun with it repeats this run)",
+                 t.budget, p["total_steps"], p["step_seconds"], p["steps_per_epoch"], p["epoch_transition_seconds"],
+                 p["validation_seconds"], p["total_steps"])
+        L.seed_everything(int(self.cfg.seed), workers=True, verbose=False)  # as a run without calibration starts
+
+    def _resumed_plan(self) -> bool:
+        from detkit.config import load_config
+        from detkit.models.load import run_dir_of
+
+        run = run_dir_of(self.resumed_from) if self.resumed_from is not None else None
+        if run is None or not (run / "config.yaml").is_file():
+            return False
+        recorded = load_config(run / "config.yaml").train.total_steps
+        if recorded:
+            self.cfg.train.total_steps = int(recorded)  # resuming a budgeted run: its plan, not a new one
+        return bool(recorded)
+
+    def callbacks(self, on_replan: Callable[[L.Trainer], None]) -> list[L.Callback]:
+        """The progress bar's minutes left and, for a new plan, the re-plan (which sets ``train.total_steps`` and
+        the trainer's ``max_steps``, then calls ``on_replan(trainer)``). Sets :attr:`max_time`: what is left of the
+        budget (a resumed run has the whole budget again), less the final validation's planned seconds."""
+        reserve = self.planned["final_validation_seconds"] if self.planned else 0.0
+        since = self.started if self.resumed_from is None else time.perf_counter()
+        self.max_time = max(1.0, self.seconds - (time.perf_counter() - since) - reserve)
+        deadline = time.perf_counter() + self.max_time
+        if self.planned is None:
+            return [BudgetProgress(deadline)]
+
+        def apply(trainer: L.Trainer, total: int) -> None:
+            self.cfg.train.total_steps = total  # (the schedule reads it at every step)
+            trainer.fit_loop.epoch_loop.max_steps = total
+            on_replan(trainer)
+
+        self.replan = BudgetReplan(deadline, self.planned, int(self.cfg.train.warmup_iters),
+                                   int(self.cfg.trainer.check_val_every_n_epoch or 0), apply)
+        return [BudgetProgress(deadline), self.replan]
+
+    def record(self, out: Path, steps: int) -> None:
+        """``budget.json`` of a planned run: the plan, the re-plan, the steps trained and the seconds the run took
+        (calibration and final validation included), so a plan that left time unused, or a run the hard stop
+        ended early, is visible."""
+        if self.planned is None:
+            return
+        from detkit.utils.io import write_json
+
+        spent = time.perf_counter() - self.started
+        write_json({"budget_seconds": self.seconds, "spent_seconds": round(spent, 1),
+                    "used": round(spent / self.seconds, 3), "steps_planned": int(self.cfg.train.total_steps),
+                    "steps_trained": int(steps), "plan": self.planned,
+                    "replanned": self.replan.replanned if self.replan else None}, out / "budget.json")
+        log.info("train.budget = %s: %.0f s of %.0f s used (%.0f %%), %d of %d planned steps trained",
+                 self.cfg.train.budget, spent, self.seconds, 100 * spent / self.seconds, steps,
+                 int(self.cfg.train.total_steps))

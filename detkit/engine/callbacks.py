@@ -3,6 +3,7 @@
 - :class:`AtomicCheckpointIO`: a checkpoint is written next to its target, flushed to disk and renamed over it; a
   failed write (a full disk) removes the partial file, keeps the previous checkpoint and stops with one line.
   Checkpoints are read as data (``weights_only=True``).
+- :class:`PartsSummary`: the model's parts and their parameters, one line (instead of Lightning's table).
 - :class:`LastCheckpoint`: ``last.ckpt`` at every epoch end, every ``every_n_steps`` steps and every
   ``every_minutes`` minutes, and where training stops early (``trainer.max_steps``, ``max_time``: at the end of
   that step, so a resumed run continues mid-epoch).
@@ -66,6 +67,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         from detkit.models.load import read_checkpoint
 
         return read_checkpoint(path, map_location if map_location is not None else "cpu")
+
+
+class PartsSummary(L.Callback):
+    """At the start of fitting, one line: each part of the model (its config name) with its parameters, and how many
+    are trained (``trainer.enable_model_summary``). Replaces Lightning's table, whose FLOPs column needs an example
+    input and reads 0 for every detkit model."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        model, names = pl_module.model, pl_module.cfg.model
+        parts = [f"{part} {names[part].name} {_millions(getattr(model, part))}"
+                 for part in ("backbone", "neck", "head") if getattr(model, part, None) is not None]
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("model: %s; %s parameters, %.2f M trained", ", ".join(parts), _millions(model), trained / 1e6)
+
+
+def _millions(module: torch.nn.Module) -> str:
+    return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f} M"
 
 
 def write_metrics(metrics: dict[str, Any], path: str | Path) -> Path:

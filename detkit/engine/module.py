@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from detkit.config.loader import validate
 from detkit.config.schema import Config
 from detkit.data.samplers import epoch_seed, seed_everything
-from detkit.engine.optim import build_optimizer, build_scheduler
+from detkit.engine.optim import build_optimizer, build_scheduler, steps_per_epoch
 from detkit.errors import ConfigError, DataError, TrainingError
-from detkit.evaluation.metrics import build_evaluator
+from detkit.evaluation.build import build_evaluator
 from detkit.models import build_model
 
 log = logging.getLogger(__name__)
@@ -198,20 +198,17 @@ class DetectionModule(L.LightningModule):
     def configure_optimizers(self):
         t = self.cfg.train
         optimizer = build_optimizer(self.model, t)
-        steps_per_epoch = self.steps_per_epoch()
+        spe = self.steps_per_epoch()
         # the schedule's length: train.total_steps (a budget's plan, which it may re-plan during the warmup), else
         # the epochs; never trainer.max_steps
-        epochs_total = steps_per_epoch * int(t.epochs)
-        scheduler = build_scheduler(optimizer, t, lambda: int(t.total_steps) if t.total_steps else epochs_total,
-                                    steps_per_epoch)
+        epochs_total = spe * int(t.epochs)
+        scheduler = build_scheduler(optimizer, t, lambda: int(t.total_steps) if t.total_steps else epochs_total, spe)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch: the training loader's batches (``trainer.limit_train_batches`` applied) over
         the gradient accumulation. Counted without starting the loader: a resumed run must restore its position
         before its first iterator is made."""
-        from detkit.engine.budget import steps_per_epoch
-
         dm = self.trainer.datamodule
         return steps_per_epoch(self.cfg, len(dm.train_dataloader()) if dm is not None else
                                int(self.trainer.estimated_stepping_batches))

@@ -1,10 +1,12 @@
-"""Optimizer and learning-rate schedule from ``train.*``.
+"""Optimizer and schedules from ``train.*``: the learning rate per step, the run's length in steps, the no-mosaic phase.
 
 Parameter groups: normalisation weights and all biases get ``train.norm_weight_decay`` (0 by default), depthwise
 convolution weights ``train.depthwise_weight_decay`` (by default ``train.weight_decay``), the rest
 ``train.weight_decay``; frozen parameters are left out. The schedule is per optimizer step: a linear
 warmup from ``warmup_factor * lr`` over ``warmup_iters`` steps, then cosine to 0 over the rest of the run, multistep
-(``lr * gamma**k`` after the k-th milestone epoch) or constant.
+(``lr * gamma**k`` after the k-th milestone epoch) or constant. The run's length is ``train.total_steps`` (a time
+budget's plan) or ``train.epochs`` x :func:`steps_per_epoch`; the last ``train.close_mosaic`` of its epochs train
+without Mosaic (:func:`no_mosaic_epoch`).
 """
 
 from __future__ import annotations
@@ -81,3 +83,28 @@ def build_scheduler(optimizer: torch.optim.Optimizer, t: Any, total_steps: int |
     re-plans the run's length once, during the warmup)."""
     total = total_steps if callable(total_steps) else (lambda: total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t, total(), steps_per_epoch))
+
+
+def limited(batches: int, limit: Any) -> int:
+    """``batches`` after a Lightning ``limit_*_batches`` (an int caps them, a float keeps that fraction)."""
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return min(batches, limit)
+    if isinstance(limit, float):
+        return max(1, int(batches * limit)) if batches else 0
+    return batches
+
+
+def steps_per_epoch(cfg: Any, batches: int) -> int:
+    """Optimizer steps per epoch of ``batches`` training batches (``trainer.limit_train_batches`` applied)."""
+    batches = limited(batches, cfg.trainer.limit_train_batches)
+    return max(1, math.ceil(batches / int(cfg.trainer.accumulate_grad_batches)))
+
+
+def no_mosaic_epoch(cfg: Any, batches: int) -> int | None:
+    """The first epoch trained without Mosaic (``train.close_mosaic``: the last fraction of the epochs), for a
+    training loader of ``batches`` batches; ``None`` when every epoch may use it."""
+    if not cfg.train.close_mosaic:
+        return None
+    spe = steps_per_epoch(cfg, batches)
+    epochs = math.ceil(int(cfg.train.total_steps) / spe) if cfg.train.total_steps else int(cfg.train.epochs)
+    return max(1, math.floor(epochs * (1 - float(cfg.train.close_mosaic))))

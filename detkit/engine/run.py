@@ -11,7 +11,6 @@ import copy
 import datetime
 import inspect
 import logging
-import math
 import os
 import signal
 import time
@@ -23,10 +22,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from detkit.config import load_config
+from detkit.data.formats import check_data_config
 from detkit.data.shapes import ensure_shapes
-from detkit.engine.budget import BudgetProgress, BudgetReplan, apply_budget, steps_per_epoch, time_left
-from detkit.engine.callbacks import ConfigWriter, Interrupted, LastCheckpoint
+from detkit.engine.budget import Budget
+from detkit.engine.callbacks import ConfigWriter, Interrupted, LastCheckpoint, PartsSummary
 from detkit.engine.loggers import build_loggers, log_run
+from detkit.engine.optim import no_mosaic_epoch
 from detkit.errors import ConfigError, TrainingError
 from detkit.evaluation.metrics import check_eval_config
 from detkit.heads.registry import head_traits
@@ -77,6 +78,7 @@ def build_trainer(cfg: DictConfig, out: Path, *, fit: bool = True, callbacks: li
         for key in ("max_steps", "limit_train_batches", "val_check_interval", "check_val_every_n_epoch",
                     "accumulate_grad_batches", "num_sanity_val_steps", "max_time", "overfit_batches"):
             kwargs.pop(key, None)
+        quiet_lightning()
         return L.Trainer(logger=False, enable_checkpointing=False, default_root_dir=str(out),
                          callbacks=list(callbacks or []), use_distributed_sampler=False, **kwargs)
     main = f"val/{cfg.eval.main_metric}"
@@ -86,8 +88,11 @@ def build_trainer(cfg: DictConfig, out: Path, *, fit: bool = True, callbacks: li
         LastCheckpoint(out / "checkpoints" / "last.ckpt", every_n_steps=cfg.train.checkpoint_every_n_steps,
                        every_minutes=cfg.train.checkpoint_every_minutes),
         LearningRateMonitor("step"),
+        # (considered after each validation only: a run that stops before its first one gets its best.ckpt from
+        # final_validation)
         *([ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=main, mode="max", save_top_k=1,
-                           auto_insert_metric_name=False, enable_version_counter=False)] if has_val else []),
+                           auto_insert_metric_name=False, enable_version_counter=False,
+                           save_on_train_epoch_end=False)] if has_val else []),
         MetricsWriter(out / "metrics.json"),
     ]
     if cfg.train.ema.enabled:
@@ -99,6 +104,8 @@ def build_trainer(cfg: DictConfig, out: Path, *, fit: bool = True, callbacks: li
         if not has_val:
             raise ConfigError("train.early_stopping_patience needs a validation set (data.val)")
         cbs.append(EarlyStopping(monitor=main, mode="max", patience=int(cfg.train.early_stopping_patience)))
+    if kwargs.pop("enable_model_summary", True):
+        cbs.append(PartsSummary())
     cbs += list(callbacks or [])
     loggers = build_loggers(cfg, out)
     max_epochs = int(cfg.train.epochs)
@@ -108,16 +115,42 @@ def build_trainer(cfg: DictConfig, out: Path, *, fit: bool = True, callbacks: li
             kwargs["max_steps"] = int(cfg.train.total_steps)
     if max_time is not None:
         kwargs["max_time"] = datetime.timedelta(seconds=max_time)
+    quiet_lightning()
     return L.Trainer(max_epochs=max_epochs, gradient_clip_val=cfg.train.grad_clip, callbacks=cbs,
                      logger=loggers, plugins=[AtomicCheckpointIO()], default_root_dir=str(out),
-                     use_distributed_sampler=False, **kwargs)  # the data module shards and resumes its samplers
+                     enable_model_summary=False, use_distributed_sampler=False, **kwargs)
+    # (the data module shards and resumes its samplers)
+
+
+LIGHTNING_NOISE = (  # Lightning's advice that does not apply to detkit runs, as regular expressions
+    r".*is smaller than the logging interval",  # a short epoch: detkit logs by step, whatever the epoch's length
+    r".*isinstance\(treespec, LeafSpec\)",  # torch's deprecation inside Lightning
+    # the evaluator counts each image once (sampler padding de-duplicated by image id): the advice does not apply
+    r"Using `DistributedSampler` with the dataloaders",
+)
+
+
+def quiet_lightning() -> None:
+    """Lightning's warnings that a detkit user cannot act on, and its advertising, left out (CLI and Python API)."""
+    import warnings
+
+    for pattern in LIGHTNING_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(getattr(f, "detkit", False) for f in rank_zero.filters):
+        def no_tips(record: logging.LogRecord) -> bool:
+            return "litlogger" not in record.getMessage()
+
+        no_tips.detkit = True  # type: ignore[attr-defined]
+        rank_zero.addFilter(no_tips)
 
 
 def check_config(cfg: DictConfig):
-    """Everything about ``cfg`` that can be checked before data is read: part names against their registries,
-    ``num_classes`` and ``eval.*`` against the head's traits, and every part's settings (the model is built once on
-    the meta device). Returns the head's traits."""
+    """Everything about ``cfg`` that can be checked before data is read: part names against their registries (dataset
+    formats and their options included), ``num_classes`` and ``eval.*`` against the head's traits, and every part's
+    settings (the model is built once on the meta device). Returns the head's traits."""
     traits = check_model_config(cfg)
+    check_data_config(cfg.data)
     check_eval_config(cfg.eval, traits, cfg.model.head.name)
     if cfg.eval.get("tta"):  # test-time augmentation settings (detkit eval --tta), checked before anything runs
         from detkit.inference.merge import check_merge
@@ -147,49 +180,30 @@ def train(cfg: DictConfig | str | Path | None, overrides: list[str] | tuple[str,
 
     started = time.perf_counter()
     ckpt = resolve_checkpoint(resume, "last") if resume is not None else None
-    if cfg is None and ckpt is not None:
-        run = run_dir_of(ckpt)
-        if run is None or not (run / "config.yaml").is_file():
-            raise ConfigError(f"{ckpt}: give the CONFIG to resume with (no run directory config.yaml next to it)")
-        cfg = run / "config.yaml"
-    if not isinstance(cfg, DictConfig):
-        cfg = load_config(cfg, list(overrides))
-    check_config(cfg)
-    out = Path(os.environ.get(RUN_DIR_ENV) or (run_dir_of(ckpt) if ckpt is not None and run_dir_of(ckpt) else
-                                               cfg.output_dir))
-    cfg.output_dir = str(out)
+    cfg, out = run_config(cfg, overrides, ckpt)
     os.environ[RUN_DIR_ENV] = str(out)  # DDP workers re-run the command: they must find the same directory
+    budget = Budget.of(cfg, started, resumed_from=ckpt)
     try:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         dm = build_datamodule(cfg)
         dm.setup("fit")
-        planned = plan_budget(cfg, dm, started, ckpt)
+        if budget is not None:
+            budget.plan(dm, trial=lambda short, cbs: fit_throwaway(short, dm, cbs))
         train_set = dm.dataset("train")
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # the same initial weights, planned or not
         module = DetectionModule(cfg, classes=dm.classes, cat_ids=list(train_set.cat_ids) if train_set else None)
         if cfg.model.weights and ckpt is None:  # a trained detector to start from (not when resuming)
             start_from_weights(module, cfg, out)
-        dm.no_mosaic_from = no_mosaic_epoch(cfg, dm)
+        dm.no_mosaic_from = no_mosaic_epoch(cfg, len(dm.train_dataloader()))
         writer = ConfigWriter(out, cfg, resumed_from=ckpt)
-        extra = [writer, *(callbacks or [])]
-        max_time, replan = None, None
-        if cfg.train.budget:
-            reserve = planned["final_validation_seconds"] if planned else 0.0
-            max_time = time_left(cfg, started if ckpt is None else time.perf_counter(), reserve)
-            extra.append(BudgetProgress(time.perf_counter() + max_time))
-            if planned:  # a new budgeted run: its own timings correct the plan once, during the warmup
 
-                def apply(trainer: L.Trainer, total: int) -> None:
-                    cfg.train.total_steps = total  # (the schedule reads it at every step)
-                    trainer.fit_loop.epoch_loop.max_steps = total
-                    dm.no_mosaic_from = no_mosaic_epoch(cfg, dm)
-                    if trainer.is_global_zero:
-                        writer.write()
+        def replanned(trainer: L.Trainer) -> None:  # the budget changed train.total_steps
+            dm.no_mosaic_from = no_mosaic_epoch(cfg, len(dm.train_dataloader()))
+            if trainer.is_global_zero:
+                writer.write()
 
-                replan = BudgetReplan(time.perf_counter() + max_time, planned, int(cfg.train.warmup_iters),
-                                      int(cfg.trainer.check_val_every_n_epoch or 0), apply)
-                extra.append(replan)
-        trainer = build_trainer(cfg, out, callbacks=extra, max_time=max_time)
+        extra = [writer, *(budget.callbacks(replanned) if budget else []), *(callbacks or [])]
+        trainer = build_trainer(cfg, out, callbacks=extra, max_time=budget.max_time if budget else None)
         if trainer.is_global_zero and ckpt is None:
             writer.write()
         fit_or_explain(trainer, module, dm, ckpt)
@@ -202,13 +216,46 @@ def train(cfg: DictConfig | str | Path | None, overrides: list[str] | tuple[str,
             final_validation(trainer, module, dm, out)
         if trainer.is_global_zero:
             log_run(trainer.loggers, cfg, module.metrics, trainer.global_step)
-            if planned:
-                record_budget(out, cfg, planned, started, trainer.global_step, replan.replanned if replan else None)
+            if budget is not None:
+                budget.record(out, trainer.global_step)
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
     if module.skipped:
         log.warning("%d images could not be read and were skipped (see the warnings above)", module.skipped)
     return out
+
+
+def run_config(cfg: DictConfig | str | Path | None, overrides: list[str] | tuple[str, ...], ckpt: Path | None
+               ) -> tuple[DictConfig, Path]:
+    """The checked config of a run and its directory. Resuming (``ckpt``), the checkpoint is read first (one that
+    would run code is refused before anything else is looked at), the run's ``config.yaml`` is the config unless one
+    is given, and the run's directory is kept."""
+    run = None
+    if ckpt is not None:
+        read_checkpoint(ckpt)
+        run = run_dir_of(ckpt)
+    if cfg is None and ckpt is not None:
+        if run is None or not (run / "config.yaml").is_file():
+            raise ConfigError(f"{ckpt}: give the CONFIG to resume with (no run directory config.yaml next to it)")
+        cfg = run / "config.yaml"
+    if not isinstance(cfg, DictConfig):
+        cfg = load_config(cfg, list(overrides))
+    check_config(cfg)
+    out = Path(os.environ.get(RUN_DIR_ENV) or run or cfg.output_dir)
+    cfg.output_dir = str(out)
+    return cfg, out
+
+
+def fit_throwaway(cfg: DictConfig, dm, callbacks: list) -> None:
+    """Fit ``cfg`` on ``dm`` in a temporary run directory that is removed afterwards (a time budget's
+    calibration)."""
+    import tempfile
+
+    from detkit.engine.module import DetectionModule
+
+    with tempfile.TemporaryDirectory(prefix="detkit-budget-") as tmp:
+        trainer = build_trainer(cfg, Path(tmp), callbacks=callbacks)
+        trainer.fit(DetectionModule(cfg, classes=dm.classes), datamodule=dm)
 
 
 def start_from_weights(module, cfg: DictConfig, out: Path) -> None:
@@ -219,44 +266,6 @@ def start_from_weights(module, cfg: DictConfig, out: Path) -> None:
     report = load_weights(module.model, str(cfg.model.weights), classes, dict(cfg.model.weights_classes or {}))
     if module.global_rank == 0:
         write_json(report.as_dict(), out / "weights_report.json")
-
-
-def plan_budget(cfg: DictConfig, dm, started: float, ckpt: Path | None) -> dict[str, Any] | None:
-    """``train.budget``: the number of steps that fit, from the run being resumed (its ``config.yaml``) or from
-    timing a few steps (:func:`detkit.engine.budget.apply_budget`)."""
-    if not cfg.train.budget or cfg.train.total_steps is not None:
-        return None
-    run = run_dir_of(ckpt) if ckpt is not None else None
-    if run is not None and (run / "config.yaml").is_file():
-        recorded = load_config(run / "config.yaml").train.total_steps
-        if recorded:
-            cfg.train.total_steps = int(recorded)  # resuming a budgeted run: its plan, not a new one
-            return None
-    return apply_budget(cfg, dm, started)
-
-
-def record_budget(out: Path, cfg: DictConfig, planned: dict[str, Any], started: float, steps: int,
-                  replanned: dict[str, Any] | None = None) -> None:
-    """``budget.json``: the plan, the steps trained and the seconds the run took (calibration and final validation
-    included), so a plan that left time unused, or a run the hard stop ended early, is visible."""
-    from detkit.engine.budget import parse_budget
-
-    budget, spent = parse_budget(cfg.train.budget), time.perf_counter() - started
-    write_json({"budget_seconds": budget, "spent_seconds": round(spent, 1), "used": round(spent / budget, 3),
-                "steps_planned": int(cfg.train.total_steps), "steps_trained": int(steps), "plan": planned,
-                "replanned": replanned},
-               out / "budget.json")
-    log.info("train.budget = %s: %.0f s of %.0f s used (%.0f %%), %d of %d planned steps trained", cfg.train.budget,
-             spent, budget, 100 * spent / budget, steps, int(cfg.train.total_steps))
-
-
-def no_mosaic_epoch(cfg: DictConfig, dm) -> int | None:
-    """The first epoch trained without Mosaic (``train.close_mosaic``: the last fraction of the epochs)."""
-    if not cfg.train.close_mosaic:
-        return None
-    spe = steps_per_epoch(cfg, len(dm.train_dataloader()))
-    epochs = math.ceil(int(cfg.train.total_steps) / spe) if cfg.train.total_steps else int(cfg.train.epochs)
-    return max(1, math.floor(epochs * (1 - float(cfg.train.close_mosaic))))
 
 
 PEER_FAILURE = ("closed by peer", "Connection reset", "Broken pipe", "Timed out", "timed out", "NCCL error",
@@ -282,6 +291,9 @@ def final_validation(trainer: L.Trainer, module, dm, out: Path) -> None:
     trainer.validate(module, datamodule=dm, verbose=False)
     best = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
     score = module.metrics.get(module.cfg.eval.main_metric)
+    if best is not None and best.best_model_score is None and trainer.is_global_zero:
+        log.info("no validation ran before training stopped (step %d): best.ckpt holds the final weights",
+                 trainer.global_step)
     if best is not None and score is not None and (best.best_model_score is None or score > best.best_model_score):
         trainer.save_checkpoint(out / "checkpoints" / "best.ckpt", weights_only=False)
 

@@ -1,6 +1,7 @@
 """detkit.evaluation: COCO and VOC detection metrics, semantic segmentation metrics (see docs/architecture.md).
 
-``metrics`` (metric names, the evaluator contract, which metrics score which head), ``ground_truth`` (datasets
+``metrics`` (metric names, the evaluator contract, which metrics score which head), ``build`` (the evaluator of a
+head), ``ground_truth`` (datasets
 as COCO dicts), ``coco`` (COCOeval, pycocotools or faster-coco-eval), ``voc`` (VOC07 /
 VOC12 mAP), ``predictions`` (model outputs and files as COCO results), ``evaluator`` (``DetectionEvaluator``,
 DDP-aware), ``score`` (a predictions file against a ground truth), ``plots`` (PR curves), ``table`` (text
@@ -8,6 +9,7 @@ tables), ``semantic`` (semantic segmentation: confusion matrix, mIoU, pixel and 
 ``SemanticEvaluator``, DDP-aware).
 """
 
+from detkit.evaluation.build import build_evaluator
 from detkit.evaluation.coco import CocoReport, coco_metrics
 from detkit.evaluation.evaluator import DetectionEvaluator
 from detkit.evaluation.ground_truth import check_ground_truth, dataset_to_coco, load_ground_truth
@@ -16,7 +18,6 @@ from detkit.evaluation.metrics import (
     SEMANTIC_STATS,
     SUMMARY_STATS,
     Evaluator,
-    build_evaluator,
     check_eval_config,
     iou_types,
     main_metric_names,

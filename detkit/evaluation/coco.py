@@ -19,8 +19,7 @@ import numpy as np
 
 from detkit.errors import ConfigError, DataError
 from detkit.evaluation.ground_truth import category_names, has_segmentation
-from detkit.evaluation.metrics import COCO_STATS as STAT_NAMES
-from detkit.evaluation.metrics import IOU_TYPES
+from detkit.evaluation.metrics import COCO_STATS, IOU_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ BACKENDS = ("pycocotools", "faster_coco_eval")
 class CocoReport:
     """What :func:`coco_metrics` found.
 
-    ``metrics``: flat ``{<iou type>_<stat>: value or None}`` (stats in :data:`STAT_NAMES` order);
+    ``metrics``: flat ``{<iou type>_<stat>: value or None}`` (stats in :data:`COCO_STATS` order);
     ``per_class``: ``{iou type: {class name: AP@[.5:.95] or None}}``; ``precision``: ``{iou type: COCOeval's
     T x R x K x A x M array}`` (IoU thresholds x recall thresholds x classes x area ranges x max dets, -1 where a
     class has no objects), for PR curves; ``class_names`` follow the K axis (categories in id order).
@@ -62,7 +61,7 @@ def coco_metrics(gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]], io
             raise DataError("segm AP needs ground-truth segmentations (build it with dataset_to_coco(..., "
                             "with_masks=True))")
         coco_eval = _run(gt, _results_for(kept, iou_type), iou_type, backend)
-        for name, value in zip(STAT_NAMES, coco_eval.stats):
+        for name, value in zip(COCO_STATS, coco_eval.stats):
             report.metrics[f"{iou_type}_{name}"] = _value(value)
         precision = np.asarray(coco_eval.eval["precision"], dtype=np.float64)
         report.precision[iou_type] = precision

@@ -24,7 +24,7 @@ from detkit.errors import ConfigError, DataError
 from detkit.evaluation.coco import CocoReport, check_coco_options, coco_metrics
 from detkit.evaluation.distributed import gather_first_copy
 from detkit.evaluation.ground_truth import category_names, check_ground_truth, has_segmentation
-from detkit.evaluation.metrics import DETECTION_METRICS as METRICS
+from detkit.evaluation.metrics import DETECTION_METRICS
 from detkit.evaluation.plots import plot_coco_pr, plot_voc_pr
 from detkit.evaluation.predictions import predictions_to_results
 from detkit.evaluation.table import format_table
@@ -42,14 +42,15 @@ class DetectionEvaluator:
 
     format_table = staticmethod(format_table)
 
-    def __init__(self, gt: Mapping[str, Any], metrics: Sequence[str] = METRICS, iou_types: Sequence[str] = ("bbox",),
+    def __init__(self, gt: Mapping[str, Any], metrics: Sequence[str] = DETECTION_METRICS,
+                 iou_types: Sequence[str] = ("bbox",),
                  backend: str = "pycocotools", class_names: Sequence[str] | None = None) -> None:
         metrics, iou_types = _tuple(metrics), _tuple(iou_types)
         for metric in metrics:
-            if metric not in METRICS:
-                raise ConfigError(f"metrics: unknown {metric!r}; expected some of {', '.join(METRICS)}")
+            if metric not in DETECTION_METRICS:
+                raise ConfigError(f"metrics: unknown {metric!r}; expected some of {', '.join(DETECTION_METRICS)}")
         if not metrics:
-            raise ConfigError(f"metrics: empty; expected some of {', '.join(METRICS)}")
+            raise ConfigError(f"metrics: empty; expected some of {', '.join(DETECTION_METRICS)}")
         check_coco_options(iou_types, backend)
         if not iou_types:
             raise ConfigError("iou_types: empty; expected bbox and/or segm")

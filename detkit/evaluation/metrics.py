@@ -1,4 +1,4 @@
-"""Metric names, defined once; which metrics score which head; the evaluator contract and builder.
+"""Metric names, defined once; which metrics score which head; the evaluator contract.
 
 ``metrics.json`` keys: ``<iou type>_<COCO stat>`` (``bbox_AP``, ``segm_AP50``, ...), ``voc07_mAP``,
 ``voc12_mAP`` for detectors; :data:`SEMANTIC_STATS` for segmenters; plus ``per_class`` tables. ``eval.metrics``
@@ -79,16 +79,3 @@ def check_eval_config(eval_cfg: Any, traits: Any, head: str) -> None:
         raise ConfigError(f"eval.main_metric = {main}: needs '{needs}' in eval.metrics (has {metrics})")
     if main.startswith("segm_") and not traits.masks:
         raise ConfigError(f"eval.main_metric = {main}: mask AP needs a head with instance masks (e.g. mask_rcnn)")
-
-
-def build_evaluator(dataset: Any, eval_cfg: Any, traits: Any, num_classes: int) -> Evaluator:
-    """The evaluator of a head with ``traits`` over every image of ``dataset`` (its ground truth)."""
-    from detkit.evaluation.evaluator import DetectionEvaluator
-    from detkit.evaluation.ground_truth import dataset_to_coco
-    from detkit.evaluation.semantic import SemanticEvaluator
-
-    if traits.semantic:
-        return SemanticEvaluator(int(num_classes), class_names=list(dataset.classes))
-    types = iou_types(traits)
-    return DetectionEvaluator(dataset_to_coco(dataset, with_masks="segm" in types), metrics=tuple(eval_cfg.metrics),
-                              iou_types=types, backend=eval_cfg.backend, class_names=list(dataset.classes))

@@ -10,12 +10,12 @@ from typing import Any
 from detkit.errors import ConfigError
 from detkit.evaluation.evaluator import DetectionEvaluator
 from detkit.evaluation.ground_truth import check_ground_truth, has_segmentation, load_ground_truth
-from detkit.evaluation.metrics import DETECTION_METRICS as METRICS
+from detkit.evaluation.metrics import DETECTION_METRICS
 from detkit.evaluation.predictions import load_predictions
 
 log = logging.getLogger(__name__)
 
-METRIC_CHOICES = {"all": METRICS, "coco": ("coco",), "voc07": ("voc07",), "voc12": ("voc12",)}
+METRIC_CHOICES = {"all": DETECTION_METRICS, "coco": ("coco",), "voc07": ("voc07",), "voc12": ("voc12",)}
 
 
 def score_predictions(predictions_path: str | Path, ground_truth: str | Path | Mapping[str, Any], metric: str = "all",

@@ -6,8 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from detkit.evaluation.metrics import COCO_STATS as STAT_NAMES
-from detkit.evaluation.metrics import IOU_TYPES, SEMANTIC_STATS
+from detkit.evaluation.metrics import COCO_STATS, IOU_TYPES, SEMANTIC_STATS, VOC_STATS
 
 
 def format_table(metrics: Mapping[str, Any], per_class_title: str = "per-class AP", columns: int | None = None) -> str:
@@ -18,12 +17,12 @@ def format_table(metrics: Mapping[str, Any], per_class_title: str = "per-class A
         return format_semantic_table(metrics) if columns is None else format_semantic_table(metrics, columns)
     columns = 3 if columns is None else columns
     lines = []
-    rows = [(t, [metrics.get(f"{t}_{s}") for s in STAT_NAMES]) for t in IOU_TYPES
-            if any(f"{t}_{s}" in metrics for s in STAT_NAMES)]
+    rows = [(t, [metrics.get(f"{t}_{s}") for s in COCO_STATS]) for t in IOU_TYPES
+            if any(f"{t}_{s}" in metrics for s in COCO_STATS)]
     if rows:
-        lines.append(f"{'':6}" + "".join(f"{s:>8}" for s in STAT_NAMES))
+        lines.append(f"{'':6}" + "".join(f"{s:>8}" for s in COCO_STATS))
         lines += [f"{t:6}" + "".join(f"{_fmt(v):>8}" for v in values) for t, values in rows]
-    voc = [f"{key} {_fmt(metrics[key])}" for key in ("voc07_mAP", "voc12_mAP") if key in metrics]
+    voc = [f"{key} {_fmt(metrics[key])}" for key in VOC_STATS if key in metrics]
     if voc:
         lines.append("   ".join(voc))
     errors = metrics.get("errors")

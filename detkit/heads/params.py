@@ -1,81 +1,10 @@
-"""Head parameters: ``model.head.params`` checked against a head's parameter dataclass.
-
-Every head declares its settings as a dataclass (field = constructor argument, with its default); the
-config's free-form ``params`` mapping is validated against it: unknown keys get a "did you mean", values of
-the wrong type a one-line error naming the key.
-"""
+"""Head parameters: ``model.head.params`` checked against a head's parameter dataclass
+(:func:`detkit.utils.params.parse_params`, with ``where`` = :data:`WHERE`)."""
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import math
-import typing
-from collections.abc import Mapping
-from typing import Any, TypeVar
+from detkit.utils.params import parse_params
 
-from detkit.errors import ConfigError
-
-P = TypeVar("P")
 WHERE = "model.head.params"  # where every head's settings live in a config
 
-
-def _plain(value: Any) -> Any:
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(value):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return value
-
-
-def _check_type(value: Any, tp: Any) -> bool:
-    if tp is Any or value is None and _optional(tp):
-        return True
-    origin = typing.get_origin(tp)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        return any(_check_type(value, a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
-        args = typing.get_args(tp)
-        inner = args[0] if args else Any
-        return isinstance(value, list | tuple) and all(_check_type(v, inner) for v in value)
-    if origin is dict:
-        return isinstance(value, Mapping)
-    if tp is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(tp, type):
-        return isinstance(value, tp)
-    return True
-
-
-def _numbers(value: Any) -> list[Any]:
-    """Every number inside ``value`` (nested lists included)."""
-    if isinstance(value, list | tuple):
-        return [n for v in value for n in _numbers(v)]
-    return [value]
-
-
-def _optional(tp: Any) -> bool:
-    return type(None) in typing.get_args(tp)
-
-
-def parse_params(cls: type[P], params: Mapping[str, Any] | None, where: str = WHERE) -> P:
-    """An instance of the dataclass ``cls`` from ``params`` (missing keys keep their defaults)."""
-    params = dict(_plain(params) or {})
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key, value in params.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
-            hint = f" (did you mean '{where}.{close[0]}'?)" if close else f" (known: {', '.join(names)})"
-            raise ConfigError(f"unknown config key '{where}.{key}'{hint}")
-        if any(isinstance(v, float) and not math.isfinite(v) for v in _numbers(value)):
-            raise ConfigError(f"config key '{where}.{key}' = {value!r}: expected finite numbers")
-        if not _check_type(value, hints[key]):
-            expected = str(hints[key]).replace("typing.", "").replace("<class '", "").replace("'>", "")
-            raise ConfigError(f"config key '{where}.{key}' = {value!r}: expected {expected}")
-    return cls(**params)
+__all__ = ["WHERE", "parse_params"]

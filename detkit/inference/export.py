@@ -23,10 +23,12 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -81,7 +83,7 @@ def export_model(model: Any, fmt: str, out: str | Path, *, dynamic_batch: bool =
                  image_size: int | None = None, opset: int = 17, fold_bn: bool = True) -> ExportInfo:
     """Export a model (:func:`detkit.load_model`, or a training module holding one; see the module docstring)."""
     from detkit.inference.optimize import fold_batch_norms
-    from detkit.inference.predictor import as_model
+    from detkit.models.base import as_model
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -164,3 +166,34 @@ def run_onnx(path: str | Path | Any, images: Tensor | Any) -> dict[str, Any]:
     array = images.detach().cpu().float().numpy() if isinstance(images, Tensor) else images
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, {"images": array})))
+
+
+def onnx_tile_runner(path: str, image_size: int) -> Callable[[list[np.ndarray]], list[dict[str, Tensor]]]:
+    """A ``run`` for :func:`detkit.inference.tiling.predict_tiled` from an exported ONNX detector
+    (``--dynamic-batch``, input ``image_size``): the tiles as one batch, each at the top left of its slot
+    (bottom/right zero-padded), a larger one (the full-image pass) shrunk to fit first; the flat outputs split per
+    tile, in its pixels (labels 1..K)."""
+    import cv2
+
+    session = onnx_session(path)
+
+    def run(tiles: Sequence[np.ndarray]) -> list[dict[str, Tensor]]:
+        batch = np.zeros((len(tiles), 3, image_size, image_size), np.float32)
+        scales = []
+        for i, t in enumerate(tiles):
+            h, w = t.shape[:2]
+            s = min(1.0, image_size / max(h, w))
+            if s < 1.0:
+                t = cv2.resize(t, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_LINEAR)
+            batch[i, :, : t.shape[0], : t.shape[1]] = t.transpose(2, 0, 1)
+            scales.append((t.shape[1] / w, t.shape[0] / h))
+        out = run_onnx(session, batch)
+        idx = torch.as_tensor(out["batch_index"]).long()
+        results = []
+        for i, (sx, sy) in enumerate(scales):
+            boxes = torch.as_tensor(out["boxes"])[idx == i].float() / torch.tensor([sx, sy, sx, sy])
+            results.append({"boxes": boxes, "scores": torch.as_tensor(out["scores"])[idx == i].float(),
+                            "labels": torch.as_tensor(out["labels"])[idx == i].long()})
+        return results
+
+    return run

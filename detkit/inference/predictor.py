@@ -39,7 +39,8 @@ from detkit.inference.merge import check_merge
 from detkit.inference.tiling import Tiling, predict_tiled
 from detkit.inference.tta import TTA, raw_predict, tta_predict
 from detkit.inference.video import Frame
-from detkit.models import Model, load_model
+from detkit.models import load_model
+from detkit.models.base import as_model
 from detkit.models.segmenter import label_map
 
 
@@ -58,15 +59,6 @@ def to_rgb_array(image: Any) -> np.ndarray:
             t = t.permute(1, 2, 0)
         image = t.numpy()
     return to_uint8_rgb(np.asarray(image), "image")
-
-
-def as_model(obj: Any) -> Model:
-    """A :class:`~detkit.models.Model`, or the model an engine module (``.model``) holds."""
-    model = obj if isinstance(obj, Model) else getattr(obj, "model", None)
-    if not isinstance(model, Model):
-        raise TypeError(f"expected a detkit model (detkit.load_model) or a module holding one, "
-                        f"got {type(obj).__name__}")
-    return model
 
 
 class Predictor:

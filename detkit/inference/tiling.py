@@ -14,7 +14,7 @@ object's whole box; or ``wbf``, :mod:`detkit.inference.merge`), U-Net logits by 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,35 +116,3 @@ def predict_tiled(image: np.ndarray, run: Callable[[list[np.ndarray]], list[dict
     if tiling.merge == "wbf":  # every tile is a part of one pass: fused as one "model"
         parts = [concat(parts)]
     return merge_detections(parts, (h, w), tiling.merge, tiling.iou, tiling.match, tiling.max_detections)
-
-
-def onnx_tile_runner(path: str, image_size: int) -> Callable[[list[np.ndarray]], list[dict[str, Tensor]]]:
-    """A ``run`` for :func:`predict_tiled` from an exported ONNX detector (``--dynamic-batch``, input
-    ``image_size``): the tiles as one batch, each at the top left of its slot (bottom/right zero-padded), a larger
-    one (the full-image pass) shrunk to fit first; the flat outputs split per tile, in its pixels (labels 1..K)."""
-    import cv2
-
-    from detkit.inference.export import onnx_session, run_onnx
-
-    session = onnx_session(path)
-
-    def run(tiles: Sequence[np.ndarray]) -> list[dict[str, Tensor]]:
-        batch = np.zeros((len(tiles), 3, image_size, image_size), np.float32)
-        scales = []
-        for i, t in enumerate(tiles):
-            h, w = t.shape[:2]
-            s = min(1.0, image_size / max(h, w))
-            if s < 1.0:
-                t = cv2.resize(t, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_LINEAR)
-            batch[i, :, : t.shape[0], : t.shape[1]] = t.transpose(2, 0, 1)
-            scales.append((t.shape[1] / w, t.shape[0] / h))
-        out = run_onnx(session, batch)
-        idx = torch.as_tensor(out["batch_index"]).long()
-        results = []
-        for i, (sx, sy) in enumerate(scales):
-            boxes = torch.as_tensor(out["boxes"])[idx == i].float() / torch.tensor([sx, sy, sx, sy])
-            results.append({"boxes": boxes, "scores": torch.as_tensor(out["scores"])[idx == i].float(),
-                            "labels": torch.as_tensor(out["labels"])[idx == i].long()})
-        return results
-
-    return run

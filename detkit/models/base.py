@@ -89,3 +89,12 @@ class Model(nn.Module):
         if image_sizes is None:
             return [tuple(images.shape[-2:])] * images.shape[0]
         return [(int(h), int(w)) for h, w in image_sizes]
+
+
+def as_model(obj: Any) -> Model:
+    """A :class:`Model`, or the model an engine module (``.model``) holds."""
+    model = obj if isinstance(obj, Model) else getattr(obj, "model", None)
+    if not isinstance(model, Model):
+        raise TypeError(f"expected a detkit model (detkit.load_model) or a module holding one, "
+                        f"got {type(obj).__name__}")
+    return model

@@ -36,9 +36,14 @@ class Entry(Generic[T]):
 
     def load(self) -> T:
         if isinstance(self.target, str):
-            module, _, attribute = self.target.partition(":")
-            self.target = getattr(importlib.import_module(module), attribute)
+            self.target = import_target(self.target)
         return self.target  # type: ignore[return-value]
+
+
+def import_target(spec: str) -> Any:
+    """The object a ``"module:attribute"`` string names (imported now)."""
+    module, _, attribute = spec.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 class Registry(Generic[T]):
