@@ -6,12 +6,13 @@ same machine, one after the other, scored by the same evaluator (detkit's, pycoc
     .venv/bin/python benchmarks/budget.py --dataset raccoon --budget 10min --image-size 320
     .venv/bin/python benchmarks/budget.py --dataset coco128 --budget 10min --image-size 320 --rows ultralytics,yolo_af
 
-Rows (``--rows``, comma-separated, default all): detkit configs from scratch (``ROWS``; each
-``detkit train CONFIG train.budget=B data.image_size=S``, then ``detkit eval`` of its final weights with
+Rows (``--rows``, comma-separated, default all but the Faster R-CNN ones): detkit configs from scratch (``ROWS``;
+each ``detkit train CONFIG train.budget=B data.image_size=S``, then ``detkit eval`` of its final weights with
 ``eval.backend=pycocotools``), the same with the ImageNet ``tf_efficientnet_lite0`` weights of ``../shared/weights``
-(``lite0_imagenet``), and ``ultralytics``: YOLOv8n from random init with ``time=B`` (Ultralytics lays its schedule
-over the time, as ``train.budget`` does), its final weights predicting the val split through its own validator at
-detkit's score/NMS settings, the predictions scored by detkit's evaluator
+(``lite0_imagenet``), Faster R-CNN from scratch (ResNet-18) and with those weights, stem frozen
+(``faster_rcnn``, ``faster_rcnn_lite0_imagenet``), and ``ultralytics``: YOLOv8n from random init with ``time=B``
+(Ultralytics lays its schedule over the time, as ``train.budget`` does), its final weights predicting the val split
+through its own validator at detkit's score/NMS settings, the predictions scored by detkit's evaluator
 (``benchmarks/yolo_vs_ultralytics.py`` does the dataset export and the Ultralytics side).
 
 Reported per row: AP (@[.5:.95]), AP50, AP75, epochs done, training images/s (images seen / training seconds) and
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import yolo_vs_ultralytics as yvu  # noqa: E402  (the Ultralytics side and the dataset export)
+from common import environment, write_json  # noqa: E402
 
 LITE0 = ROOT.parent / "shared" / "weights" / "tf_efficientnet_lite0.in1k.timm.pth"
 DATASETS = {"raccoon": "configs/{head}/raccoon.yaml", "coco128": "configs/{head}/coco128.yaml"}
@@ -48,7 +50,13 @@ ROWS: dict[str, tuple[str, list[str]]] = {
                                             *LIGHT]),
     "lite0_imagenet": ("yolo_af", ["model.backbone.name=timm:tf_efficientnet_lite0",
                                    f"model.backbone.pretrained={LITE0}", *LIGHT]),
+    # two-stage: pretrained against scratch at equal time (not run unless named in --rows)
+    "faster_rcnn": ("faster_rcnn", ["model.backbone.name=resnet18"]),
+    "faster_rcnn_lite0_imagenet": ("faster_rcnn", ["model.backbone.name=timm:tf_efficientnet_lite0",
+                                                   f"model.backbone.pretrained={LITE0}",
+                                                   "model.backbone.frozen_stages=1"]),
 }
+DEFAULT_ROWS = ["ultralytics", *(name for name in ROWS if not name.startswith("faster_rcnn"))]
 
 
 def detkit_row(args: argparse.Namespace, name: str, work: Path) -> dict[str, Any]:
@@ -66,7 +74,7 @@ def detkit_row(args: argparse.Namespace, name: str, work: Path) -> dict[str, Any
                  f"output_dir={run}", f"seed={args.seed}", "trainer.enable_progress_bar=false", *overrides,
                  *args.detkit_override]
         wall = yvu.run_logged(train, work / f"{name}.train.log", args.verbose)
-        (run / "wall_s.json").write_text(json.dumps({"wall_s": wall}))
+        write_json({"wall_s": wall}, run / "wall_s.json")
         yvu.run_logged([*cmd, "eval", str(run), "--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--out",
                         str(metrics_file), "eval.backend=pycocotools", "eval.skip_unreadable=true"],
                        work / f"{name}.eval.log", args.verbose)
@@ -153,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", choices=tuple(DATASETS), default="raccoon")
     p.add_argument("--budget", default="10min")
     p.add_argument("--image-size", type=int, default=320)
-    p.add_argument("--rows", default=",".join(["ultralytics", *ROWS]))
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"known: ultralytics, {', '.join(ROWS)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--detkit-override", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--workers", type=int, default=2, help="Ultralytics dataloader workers")
@@ -169,15 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else work / "report.json"
     report = json.loads(out.read_text()) if out.is_file() else {"rows": {}}
-    report.update(dataset=args.dataset, budget=args.budget, image_size=args.image_size, cpus=os.cpu_count())
+    report.update(dataset=args.dataset, budget=args.budget, image_size=args.image_size, environment=environment())
+    report.pop("cpus", None)  # reports written before the environment record: its cores
     for name in [r.strip() for r in args.rows.split(",") if r.strip()]:
-        if name == "lite0_imagenet" and not LITE0.is_file():
+        if name.endswith("lite0_imagenet") and not LITE0.is_file():
             print(f"skipping {name}: {LITE0} not found")
             continue
         row = ultralytics_row(args, work) if name == "ultralytics" else detkit_row(args, name, work)
         row["loadavg"] = os.getloadavg()
         report["rows"][name] = row
-        yvu.write_json(out, report)
+        write_json(report, out)
         print(json.dumps(row), flush=True)
     rows = list(report["rows"].values())
     yvu.print_table(["model", "row", "AP", "AP50", "AP75", "epochs", "img/s", "wall min", "budget used"],

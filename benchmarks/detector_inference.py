@@ -33,17 +33,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torchvision
+from common import cores, device_name, environment, write_json
 from torch import nn
 from torchvision.models.detection import (
     FasterRCNN,
@@ -242,11 +240,6 @@ def parse_case(spec: str) -> tuple[str, int]:
     return name, int(size) if size else CASES[name].size
 
 
-def cores() -> int:
-    """The CPU cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, metavar="NAME[@SIZE]",
@@ -276,11 +269,9 @@ def main() -> None:
     cases = [parse_case(s) for s in args.cases]
     torch.set_num_threads(args.threads)
 
-    device_name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else \
-        (platform.processor() or platform.machine())
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} threads, "
-          f"device {args.device} ({device_name}), precision {args.precision}, batch 1, median of {args.repeats} "
-          f"interleaved runs after {args.warmup} warmup, box score threshold {args.score_thresh}")
+          f"device {args.device} ({device_name(args.device)}), precision {args.precision}, batch 1, median of "
+          f"{args.repeats} interleaved runs after {args.warmup} warmup, box score threshold {args.score_thresh}")
     header = (f"{'case':30s} {'size':>5s} {'torchvision ms':>15s} {'detkit ms':>10s} {'ratio':>6s} "
               f"{'overhead %':>11s} {'paired':>7s}")
     rows = []
@@ -297,13 +288,9 @@ def main() -> None:
     print("ratio = median detkit / median torchvision; paired = median of per-pair ratios; "
           "requirement: overhead <= 2 %")
     if args.json:
-        out = {"torch": torch.__version__, "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
-               "device": args.device, "device_name": device_name, "precision": args.precision, "batch": 1,
-               "repeats": args.repeats, "warmup": args.warmup, "score_thresh": args.score_thresh,
-               "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-               "results": rows}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        out = {**environment(args.device), "precision": args.precision, "batch": 1, "repeats": args.repeats,
+               "warmup": args.warmup, "score_thresh": args.score_thresh, "results": rows}
+        write_json(out, args.json)
         print(f"wrote {args.json}")
 
 

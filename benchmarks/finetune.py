@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import write_json  # noqa: E402
+
 TASKS = {"pennfudan": ("configs/faster_rcnn/pennfudan.yaml", ["model.weights_classes={pedestrian: person}"]),
          "raccoon": ("configs/faster_rcnn/raccoon.yaml", [])}
 R50 = ["model.backbone.name=resnet50", "model.backbone.out_levels=[c2,c3,c4,c5]",
@@ -62,7 +64,7 @@ def main() -> int:
         for start, weights in (("coco", args.coco_weights), ("imagenet", args.imagenet_weights)):
             rows.append(run(task, start, weights, args.steps, Path(args.work)))
             print(json.dumps(rows[-1]), flush=True)
-    (Path(args.work) / "report.json").write_text(json.dumps(rows, indent=1))
+    write_json(rows, Path(args.work) / "report.json")
     return 0
 
 

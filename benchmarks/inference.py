@@ -50,9 +50,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -71,6 +68,7 @@ from torchvision.transforms.functional import pil_to_tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import detector_inference as rcnn_bench  # noqa: E402
 import ssdlite as ssd_bench  # noqa: E402
+from common import cores, device_name, environment, write_json  # noqa: E402
 
 from detkit import build_model, load_config  # noqa: E402
 from detkit.heads.ssd import from_torchvision_ssdlite  # noqa: E402
@@ -358,12 +356,6 @@ def table(result: dict, batches: list[int]) -> str:
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
-
-
 def parse_case(spec: str) -> tuple[str, int]:
     name, _, size = spec.partition("@")
     if name not in CASES:
@@ -380,7 +372,7 @@ def main() -> None:
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="batch sizes (1: latency)")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs of each variant (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs of each variant first")
-    parser.add_argument("--threads", type=int, default=rcnn_bench.cores(),
+    parser.add_argument("--threads", type=int, default=cores(),
                         help="torch threads and onnxruntime intra-op threads (default: all cores available)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cuda: no onnxruntime variant)")
     parser.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the onnxruntime variant")
@@ -405,11 +397,9 @@ def main() -> None:
         ort_version = onnxruntime.__version__
     except ImportError:
         ort_version, args.onnx = None, False
-    device_name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") \
-        else cpu_name()
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, onnxruntime {ort_version}, "
-          f"{torch.get_num_threads()} threads, device {args.device} ({device_name}); median of {args.repeats} "
-          f"interleaved runs after {args.warmup} warmup")
+          f"{torch.get_num_threads()} threads, device {args.device} ({device_name(args.device)}); median of "
+          f"{args.repeats} interleaved runs after {args.warmup} warmup")
     results = []
     with TemporaryDirectory() as tmp:
         for name, size in cases:
@@ -421,14 +411,11 @@ def main() -> None:
             ratio = r["variants"]["detkit fast"]["batches"][1]["time_ratio"]
             print(f"detkit fast / torchvision, batch 1: {ratio:.2f} (aim <= 0.75)\n")
     if args.json:
-        out = {"torch": torch.__version__, "torchvision": torchvision.__version__, "onnxruntime": ort_version,
-               "threads": torch.get_num_threads(), "onnxruntime_threads": args.threads if args.onnx else None,
-               "device": args.device, "device_name": device_name, "cpu": cpu_name(), "cores": rcnn_bench.cores(),
-               "python": platform.python_version(), "batches": args.batch, "repeats": args.repeats,
-               "warmup": args.warmup, "atol": args.atol, "box_atol": args.box_atol, "seed": args.seed,
-               "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "results": results}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        out = {**environment(args.device), "onnxruntime": ort_version,
+               "onnxruntime_threads": args.threads if args.onnx else None, "batches": args.batch,
+               "repeats": args.repeats, "warmup": args.warmup, "atol": args.atol, "box_atol": args.box_atol,
+               "seed": args.seed, "results": results}
+        write_json(out, args.json)
         print(f"wrote {args.json}")
 
 

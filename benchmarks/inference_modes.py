@@ -27,6 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import write_json  # noqa: E402
+
 from detkit import load_model  # noqa: E402
 from detkit.inference import Predictor  # noqa: E402
 
@@ -126,8 +128,8 @@ def tiling(args: argparse.Namespace) -> dict:
                  "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]}
                 for i, p in enumerate(preds) for b, s, lab in zip(p["boxes"], p["scores"], p["labels"])]
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "gt.json").write_text(json.dumps(gt))
-            (Path(tmp) / "dt.json").write_text(json.dumps(dets or []))
+            write_json(gt, Path(tmp) / "gt.json", indent=None)
+            write_json(dets, Path(tmp) / "dt.json", indent=None)
             m = score_predictions(Path(tmp) / "dt.json", Path(tmp) / "gt.json", metric="coco")
         results[mode] = {"AP": m.get("bbox_AP"), "AP50": m.get("bbox_AP50"), "AP_small": m.get("bbox_APs"),
                          "AP_medium": m.get("bbox_APm"), "s_per_image": seconds / len(images)}
@@ -190,7 +192,7 @@ def main() -> None:
     for r in rows:
         print(json.dumps(r))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""Segmentation on real data for a fixed CPU budget (a fixed number of epochs; wall time reported):
+"""Segmentation on real data for a fixed number of epochs (the configs' schedules; wall time reported):
 
 - U-Net on CamVid (``configs/unet/camvid.yaml``): the timm ``tf_efficientnet_lite0`` encoder with its ImageNet
   weights vs the same encoder from scratch, identical schedule;
 - Mask R-CNN on Penn-Fudan (``configs/mask_rcnn/pennfudan_lite0.yaml``): mask AP.
 
-    .venv/bin/python benchmarks/segmentation_budget.py [--only camvid_pretrained,camvid_scratch,pennfudan]
+    .venv/bin/python benchmarks/segmentation_epochs.py [--only camvid_pretrained,camvid_scratch,pennfudan]
         [--out runs/budget] [key=value ...]
 
 Overrides apply to every run. Each run's directory is ``OUT/<name>``; a finished run (its ``metrics.json``
@@ -18,6 +18,8 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+from common import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
@@ -54,7 +56,7 @@ def main() -> None:
         shown = " | ".join(f"{k} {metrics[k]:.3f}" for k in keys if metrics.get(k) is not None)
         print(f"| {name} | {config} {' '.join(extra)} | {shown} | "
               f"{'%.1f min' % (wall / 60) if wall else 'existing run'} |", flush=True)
-    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(summary, Path(args.out) / "summary.json")
 
 
 if __name__ == "__main__":

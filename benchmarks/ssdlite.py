@@ -37,9 +37,6 @@ sides alternating for ``--rounds`` rounds (median). Usage:
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from functools import partial
@@ -47,6 +44,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from common import cores, device_name, environment, write_json
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
@@ -148,10 +146,6 @@ def train_rate(step, batch: int, steps: int, warmup: int, device: torch.device) 
     return batch * steps / (time.perf_counter() - t)
 
 
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=320, help="square input size (torchvision's SSDlite: 320)")
@@ -225,10 +219,8 @@ def main() -> None:
             theirs = tv.head(list(tv.backbone(images.tensors).values()))
             parity = max((ours[key] - theirs[key]).abs().max().item() for key in ours)
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        (platform.processor() or platform.machine())
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} threads, "
-          f"device {args.device} ({device_name}); input {size}x{size}, {k} classes + background; torchvision "
+          f"device {args.device} ({device_name(device)}); input {size}x{size}, {k} classes + background; torchvision "
           f"resize {'on' if args.tv_resize else 'skipped'}, score threshold "
           f"{args.score_thresh if args.score_thresh is not None else 'the models own (0.001)'}")
     if parity is not None:
@@ -286,14 +278,11 @@ def main() -> None:
           f"training: batch {args.batch}, {args.steps} steps x {args.rounds} rounds (ratio = detkit / torchvision "
           f"images/s)")
     if args.json:
-        out = {"torch": torch.__version__, "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
-               "device": args.device, "device_name": device_name, "size": size, "num_classes": k,
-               "repeats": args.repeats, "warmup": args.warmup, "batch": args.batch, "steps": args.steps,
-               "rounds": args.rounds, "score_thresh": args.score_thresh, "tv_resize": args.tv_resize,
-               "taps_max_abs_diff": parity,
-               "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "results": rows}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        out = {**environment(args.device), "size": size, "num_classes": k, "repeats": args.repeats,
+               "warmup": args.warmup, "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
+               "score_thresh": args.score_thresh, "tv_resize": args.tv_resize, "taps_max_abs_diff": parity,
+               "results": rows}
+        write_json(out, args.json)
         print(f"wrote {args.json}")
 
 

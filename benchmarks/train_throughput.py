@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import math
-import os
-import platform
 import random
 import shutil
 import statistics
@@ -42,6 +39,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from common import cores, device_name, environment, write_json
 
 import detkit
 from detkit import load_config
@@ -184,13 +182,6 @@ def run_detkit(cfg, args, device: torch.device) -> Window:
 
 
 # ---------------------------------------------------------------------------------------------------- main
-
-
-def cores() -> int:
-    """The CPU cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs/faster_rcnn/shapes.yaml"))
@@ -228,11 +219,9 @@ def main() -> None:
         *args.set])
     steps_per_epoch = len(build_datamodule(cfg).train_dataloader())
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        (platform.processor() or platform.machine())
     m = cfg.model
     print(f"torch {torch.__version__}, lightning {L.__version__}, {torch.get_num_threads()} threads, device "
-          f"{args.device} ({device_name}), precision {args.precision}")
+          f"{args.device} ({device_name(device)}), precision {args.precision}")
     print(f"model {m.head.name} {m.backbone.name}/{m.neck.name}, {cfg.data.image_size} px, batch {args.batch}, "
           f"SGD lr {cfg.train.lr}, grad clip {cfg.train.grad_clip}; {args.warmup} warmup + {args.steps} timed "
           f"steps, {args.rounds} rounds; {steps_per_epoch} steps per epoch")
@@ -261,15 +250,12 @@ def main() -> None:
     same = max(losses) - min(losses) <= 1e-4 * max(1.0, abs(losses[0]))  # GPU kernels may differ in the last bits
     print(f"same training (equal first-step losses on both sides): {'yes' if same else 'no'}")
     if args.json:
-        out = {"torch": torch.__version__, "lightning": L.__version__, "threads": torch.get_num_threads(),
-               "device": args.device, "device_name": device_name, "precision": args.precision,
+        out = {**environment(args.device), "lightning": L.__version__, "precision": args.precision,
                "config": args.config, "overrides": list(args.set), "batch": args.batch, "image_size":
                int(cfg.data.image_size), "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
-               "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
                "bare_images_per_s": bare, "detkit_images_per_s": ours,
                "ratio": ratio, "overhead_pct": overhead, "same_first_step_loss": same, "runs": runs}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        write_json(out, args.json)
         print(f"wrote {args.json}")
 
 

@@ -13,8 +13,9 @@ Accuracy (default mode)::
         --out runs/bench/yolo_vs_ultralytics/raccoon.json
 
 1. The detkit config's ``data.train`` / ``data.val`` (default ``configs/yolo/{task}.yaml``) are exported as a
-   YOLO dataset under ``--work`` (images copied as ``<image_id><suffix>``, labels ``<class> cx cy w h``,
-   class k = detkit label k + 1, ``data.yaml``), so both models train on the same images and boxes.
+   YOLO dataset under ``--work`` (images copied to ``images/{split}/<image_id><suffix>``, their labels written
+   next to them by ``detkit.data.writers.to_yolo`` as ``labels/{split}/<image_id>.txt``, class k = detkit
+   label k + 1, and Ultralytics' ``data.yaml``), so both models train on the same images and boxes.
 2. Ultralytics trains ``yolov8n.yaml`` from random init (``pretrained=False``) for ``--epochs`` at
    ``--image-size``, CPU, fp32 (``amp=False``), ``plots=False``, ``val=False`` (only the final epoch is
    validated), otherwise its defaults: batch 16, nbs 64 (so gradients accumulate over 4 batches),
@@ -52,6 +53,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import environment, write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ULTRA_PYTHON = ROOT / "benchmarks" / ".venv-ultralytics" / "bin" / "python"
 DEFAULT_WORK = ROOT / "runs" / "bench" / "yolo_vs_ultralytics"
@@ -69,13 +72,6 @@ def offline_env(work: Path) -> dict[str, str]:
         "YOLO_VERBOSE": os.environ.get("YOLO_VERBOSE", "true"),
         "MPLBACKEND": "Agg",
     }
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -96,41 +92,39 @@ def build_split(cfg, split: str):
 
 
 def export_yolo(cfg, out: Path) -> dict[str, Any]:
-    """Write data.yaml, images/{train,val}/<image_id><suffix> and labels/{train,val}/<image_id>.txt."""
+    """Write data.yaml, images/{train,val}/<image_id><suffix> and labels/{train,val}/<image_id>.txt: Ultralytics
+    finds an image's labels by replacing its last ``images/`` with ``labels/``, which is where
+    ``detkit.data.writers.to_yolo`` writes them when given the copied images and ``OUT/images`` as their root."""
+    import dataclasses
+
     import yaml
 
-    from detkit.data.to_coco import record_size
+    from detkit.data.writers import to_yolo
 
     manifest: dict[str, Any] = {}
     for split in ("train", "val"):
         ds = build_split(cfg, split)
-        img_dir, lbl_dir = out / "images" / split, out / "labels" / split
-        for d in (img_dir, lbl_dir):
+        img_dir = out / "images" / split
+        for d in (img_dir, out / "labels" / split):
             shutil.rmtree(d, ignore_errors=True)
-            d.mkdir(parents=True)
-        files, boxes = {}, 0
+        img_dir.mkdir(parents=True)
+        files, records = {}, []
         for r in ds.records:
-            w, h = record_size(r)
             name = f"{int(r.image_id)}{Path(r.file).suffix.lower()}"
-            shutil.copyfile(r.file, img_dir / name)
-            lines = []
-            for (x1, y1, x2, y2), label, crowd in zip(r.boxes.tolist(), r.labels.tolist(),
-                                                      list(r.iscrowd) + [False] * len(r.boxes)):
-                if crowd:  # COCOeval ignores crowd regions; they are no training target either
-                    continue
-                lines.append(f"{int(label) - 1} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} "
-                             f"{(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}")
-            boxes += len(lines)
-            (lbl_dir / f"{int(r.image_id)}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+            shutil.copyfile(r.file, img_dir / name)  # a copy, not a link: to_yolo resolves paths under its root
+            records.append(dataclasses.replace(r, file=img_dir / name))
             files[name] = int(r.image_id)
-        manifest[split] = {"images": len(files), "boxes": boxes, "files": files}
+        ds.records = records
+        counts = to_yolo(ds, out, out / "images")  # crowd regions left out: COCOeval ignores them, no target either
+        (out / "dataset.yaml").unlink(missing_ok=True)  # to_yolo's detkit data config; Ultralytics reads data.yaml
+        manifest[split] = {"images": len(files), "boxes": counts["annotations"], "files": files}
         if split == "val":
             manifest["classes"] = list(ds.classes)
             manifest["cat_ids"] = [c.item() if hasattr(c, "item") else c for c in ds.cat_ids]
     data = {"path": str(out.resolve()), "train": "images/train", "val": "images/val",
             "names": dict(enumerate(manifest["classes"]))}
     (out / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    write_json(out / "manifest.json", manifest)
+    write_json(manifest, out / "manifest.json")
     return manifest
 
 
@@ -140,7 +134,7 @@ def run_worker(args: argparse.Namespace, spec: dict[str, Any], name: str) -> dic
     spec_path = work / f"{name}.spec.json"
     result_path = work / f"{name}.result.json"
     result_path.unlink(missing_ok=True)
-    write_json(spec_path, {**spec, "result": str(result_path)})
+    write_json({**spec, "result": str(result_path)}, spec_path)
     python = Path(args.ultralytics_python)
     if not python.exists():
         raise SystemExit(f"{python} not found: run `bash benchmarks/setup_ultralytics.sh` first")
@@ -174,7 +168,7 @@ def score_ultralytics(pred_in: Path, pred_out: Path, manifest: dict[str, Any], c
         image_id = files[p["file_name"]] if "file_name" in p else int(p["image_id"])
         out.append({"image_id": image_id, "category_id": cat_ids[int(p["category_id"]) - 1],  # class_map: cls + 1
                     "bbox": [float(v) for v in p["bbox"]], "score": float(p["score"])})
-    write_json(pred_out, out)
+    write_json(out, pred_out)
     ds = build_split(cfg, "val")
     metrics = score_predictions(pred_out, dataset_to_coco(ds), metric="coco", cat_to_label=ds.cat_to_label())
     from detkit.engine.callbacks import write_metrics
@@ -207,7 +201,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     report: dict[str, Any] = {"task": args.task, "epochs": args.epochs, "image_size": args.image_size,
                               "detkit_config": str(args.detkit_config), "rows": rows,
-                              "loadavg_start": os.getloadavg(), "cpus": os.cpu_count()}
+                              "environment": environment()}  # its load average: at the start
     if "ultralytics" in args.models:
         manifest = export_yolo(cfg, work / "dataset")
         print(f"YOLO dataset: {work / 'dataset'} ({manifest['train']['images']} train / "
@@ -287,7 +281,7 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
           f"paired medians {res['paired_ratio']:.2f} / {res['paired_ratio_fused']:.2f}; detkit fast / ultralytics "
           f"fused: {df['ms'] / uf['ms']:.2f} (paired {res['paired_ratio_fast_fused']:.2f})")
     return {"task": args.task, "image_size": args.image_size, "threads": args.threads,
-            "loadavg": os.getloadavg(), **res,
+            "environment": environment(), **res,
             "ratio": d["ms"] / u["ms"], "ratio_fused": d["ms"] / uf["ms"], "ratio_fast_fused": df["ms"] / uf["ms"]}
 
 
@@ -337,7 +331,7 @@ def worker(spec_path: str) -> None:
             USER_CONFIG_DIR.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(dejavu, USER_CONFIG_DIR / name)
     result = worker_train(spec) if spec["mode"] == "train" else worker_latency(spec)
-    write_json(Path(spec["result"]), result)
+    write_json(result, spec["result"])
 
 
 def worker_train(spec: dict[str, Any]) -> dict[str, Any]:
@@ -529,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     report = latency(args) if args.latency else accuracy(args)
     out = Path(args.out) if args.out else Path(args.work) / args.task / ("latency.json" if args.latency
                                                                          else "accuracy.json")
-    write_json(out, report)
+    write_json(report, out)
     print(f"report: {out}")
     return 0
 
