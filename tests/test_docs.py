@@ -303,3 +303,45 @@ def test_index_lists_every_page():
         if page.name != "index.md":
             assert f"]({page.name})" in index, f"docs/index.md does not list {page.name}"
             assert f"](docs/{page.name})" in readme, f"README.md does not link docs/{page.name}"
+
+
+# ------------------------------------------------------------------------------------- lists of registered parts
+PATH_LIST = re.compile(r"\{[^{}]*\}\.(py|yaml)")  # configs/_base_/models/{a,b}.yaml, detkit/data/{a,b}.py: files
+
+
+def registered_lists() -> dict[str, tuple[list[str], list[list[str]]]]:
+    """Registry -> (its names, the subsets a page may list instead: a declared trait, e.g. convert's formats)."""
+    from detkit.data.formats import FORMATS, convert_sources, convert_targets
+    from detkit.heads.registry import HEADS, torchvision_heads
+
+    heads = HEADS.names()
+    return {"head": (heads, [torchvision_heads(), [h for h in heads if h not in torchvision_heads()]]),
+            "dataset format": (FORMATS.names(), [convert_sources(), convert_targets()])}
+
+
+def stale_lists(pages=PAGES) -> list[str]:
+    """Lines that name 3 or more of a registry's names without naming them all (or one of its declared subsets)."""
+    bad = []
+    for page in pages:
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            words = set(re.findall(r"[A-Za-z0-9_]+", PATH_LIST.sub("", line)))
+            for kind, (names, subsets) in registered_lists().items():
+                named = {n for n in names if n in words}
+                if len(named) >= 3 and named != set(names) and all(named != set(s) for s in subsets):
+                    missing = ", ".join(n for n in names if n not in named)
+                    where = rel(page) if page.is_relative_to(ROOT) else page.name
+                    bad.append(f"{where}:{number} lists {len(named)} of the {len(names)} registered {kind}s "
+                               f"(not: {missing})")
+    return bad
+
+
+def test_every_list_of_registered_parts_names_them_all():
+    assert stale_lists() == []
+
+
+def test_the_list_check_catches_a_stale_list(tmp_path):
+    page = tmp_path / "stale.md"
+    page.write_text("heads: faster_rcnn | mask_rcnn | ssd | yolo | unet\nfiles: `detkit/heads/{ssd,yolo,unet}.py`\n"
+                    "`detkit data convert --to coco|voc|yolo`\n", encoding="utf-8")
+    heads = len(registered_lists()["head"][0])
+    assert [b.split(" (")[0] for b in stale_lists([page])] == [f"stale.md:1 lists 5 of the {heads} registered heads"]
