@@ -345,3 +345,23 @@ def test_the_list_check_catches_a_stale_list(tmp_path):
                     "`detkit data convert --to coco|voc|yolo`\n", encoding="utf-8")
     heads = len(registered_lists()["head"][0])
     assert [b.split(" (")[0] for b in stale_lists([page])] == [f"stale.md:1 lists 5 of the {heads} registered heads"]
+
+
+# ------------------------------------------------------------------------------------- measured numbers live once
+RESULT_PAGES = [ROOT / "benchmarks" / "README.md", ROOT / "docs" / "studies.md"]  # where measurements are written
+DECIMAL = re.compile(r"(?<![\w.])\d+\.\d+(?![\w.])")
+
+
+def quoted_elsewhere(page: Path) -> list[str]:
+    """Decimal numbers of ``page`` (outside code blocks) that no results page holds: a measurement written only in
+    the README would drift from the benchmark that made it."""
+    text = FENCE.sub("", page.read_text(encoding="utf-8"))
+    home = "\n".join(p.read_text(encoding="utf-8") for p in RESULT_PAGES)
+    return sorted({n for n in DECIMAL.findall(text) if n not in home and n not in VERSIONS})
+
+
+VERSIONS = {"2.13", "2.11", "0.26", "3.10", "3.11"}  # torch and Python versions the README names, not results
+
+
+def test_every_number_the_readme_quotes_is_a_measurement_of_the_results_pages():
+    assert quoted_elsewhere(ROOT / "README.md") == []

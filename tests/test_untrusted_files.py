@@ -288,8 +288,11 @@ def _evil_checkpoint(tmp_path):
         torch.save(ckpt, run / "checkpoints" / name)
     from omegaconf import OmegaConf
 
-    (run / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(torch.load(
-        CHECKPOINT, weights_only=True)["hyper_parameters"]["config"])))
+    config = OmegaConf.create(torch.load(CHECKPOINT, weights_only=True)["hyper_parameters"]["config"])
+    for split in ("train", "val"):  # data that exists nowhere: the checkpoint must be refused before it is looked at
+        config.data[split].images = str(tmp_path / "absent" / "images")
+        config.data[split].annotations = str(tmp_path / "absent" / f"{split}.json")
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(config))
     return run, marker
 
 
