@@ -5,8 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install demo test lint clean-venv
+.PHONY: install demo test test-full lint clean-venv
 
 install: $(STAMP)
 
@@ -25,8 +26,15 @@ demo: $(STAMP)
 	$(VENV)/bin/detkit predict $(DEMO)/train 'data/shapes/images/val/00000*.jpg' --out $(DEMO)/predict
 	@echo "demo outputs: $(DEMO)/train (checkpoints, metrics.json, pr_curves/, logs) and $(DEMO)/predict (drawn images)"
 
+# The fast tier, after every change: every module, without the tests marked slow (wall-clock budgets, DDP,
+# subprocess faults, multi-trial studies, every-network sweeps); one pytest worker per core, a test file per worker.
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" -n $(JOBS) --dist loadfile $(PYTEST_ARGS)
+
+# Every test (CI): in parallel, then the tests that measure wall-clock time (marked serial) alone.
+test-full: $(STAMP)
+	$(PY) -m pytest -m "not serial" -n $(JOBS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -m serial $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check detkit tests tools benchmarks

@@ -15,7 +15,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DETKIT_SHARED", ROOT.parent / "shared"))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one thread per pytest-xdist worker (make test runs one worker per core), else at most two
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 def shared_path(*parts: str) -> Path:
@@ -48,6 +49,14 @@ def shapes_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes")
     make_shapes(out, num_images=36, image_size=96, seed=3)
     return out
+
+
+def sweep(values, fast, ids=None) -> list:
+    """Parameters of a sweep over many networks or configs: those in ``fast`` run in the fast tier (``make test``),
+    the rest only in the full one (marked ``slow``)."""
+    ids = list(ids) if ids is not None else [str(v) for v in values]
+    return [pytest.param(v, id=i, marks=() if v in fast or i in fast else pytest.mark.slow)
+            for v, i in zip(values, ids)]
 
 
 def shapes_cfg(root, split="train"):

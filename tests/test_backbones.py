@@ -9,6 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
+from conftest import sweep
 from detkit.backbones import build_backbone, build_classifier, list_backbones
 from detkit.backbones.efficientnet import NAMED, compound_scaling
 from detkit.backbones.regnet import PRESETS, preset_stages, quantized_linear_widths, regnet_stages
@@ -132,7 +133,7 @@ def _torchvision_block_params(name: str):
     return regnet_cls.call_args.args[0]
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sweep(sorted(PRESETS), fast=["regnet_x_400mf", "regnet_y_800mf"]))
 def test_regnet_preset_rebuilt_from_parameters_equals_torchvision(name):
     ref = _torchvision_block_params(name)
     ours = preset_stages(name)
@@ -170,7 +171,7 @@ def test_regnet_design_point_backbone():
 
 
 # ------------------------------------------------------------------------------------------ EfficientNet
-@pytest.mark.parametrize("name", sorted(NAMED))
+@pytest.mark.parametrize("name", sweep(sorted(NAMED), fast=["efficientnet_b0", "efficientnet_b3"]))
 def test_efficientnet_matches_torchvision(name):
     with torch.device("meta"):
         tv = getattr(torchvision.models, name)(weights=None)
@@ -193,6 +194,7 @@ def test_compound_scaling():
     assert b.out_channels["c5"] > base.out_channels["c5"]  # wider
 
 
+@pytest.mark.slow
 def test_every_registered_preset_builds_on_meta():
     for name in list_backbones():
         with torch.device("meta"):
@@ -255,6 +257,7 @@ def test_taps_and_normalisation_keys_are_checked():
     assert build_backbone("resnet18", mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]).std == (0.25, 0.25, 0.25)
 
 
+@pytest.mark.slow
 def test_ssd_vgg16_is_torchvisions_extractor_and_says_when_the_input_is_too_small():
     from torchvision.models import vgg16
     from torchvision.models.detection.ssd import SSDFeatureExtractorVGG

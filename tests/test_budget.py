@@ -46,6 +46,8 @@ class Busy(L.Callback):
             time.sleep(self.seconds)
 
 
+@pytest.mark.slow
+@pytest.mark.serial
 def test_the_plan_is_recorded_corrected_by_the_run_and_a_rerun_with_it_is_exact(shapes_dir, tmp_path):
     started = time.perf_counter()
     planned = detkit.train(TINY_CONFIG, tiny_detector_overrides(shapes_dir, tmp_path / "budget", *COMMON,
@@ -76,6 +78,8 @@ def test_the_plan_is_recorded_corrected_by_the_run_and_a_rerun_with_it_is_exact(
         torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], rtol=0, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
+@pytest.mark.serial
 def test_the_budget_is_a_hard_stop(shapes_dir, tmp_path):
     started = time.perf_counter()
     # (60 s: on a machine shared with other tests a 40 s budget can leave the plan no room after its calibration)

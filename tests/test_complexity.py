@@ -39,7 +39,13 @@ def _published():
                 yield name, weights
 
 
-@pytest.mark.parametrize("name, weights", list(_published()), ids=[f"{n}-{w.name}" for n, w in _published()])
+FAST = {"resnet18-IMAGENET1K_V1", "regnet_y_400mf-IMAGENET1K_V2", "efficientnet_b0-IMAGENET1K_V1"}
+
+
+# a plain, a grouped-width and a compound-scaled network in the fast tier, every published weight in the full one
+@pytest.mark.parametrize("name, weights", [
+    pytest.param(n, w, id=f"{n}-{w.name}", marks=() if f"{n}-{w.name}" in FAST else pytest.mark.slow)
+    for n, w in _published()])
 def test_imagenet_complexity_matches_torchvision_metadata(name, weights):
     resolution = weights.transforms().crop_size[0]
     c = count_built(lambda: build_classifier(name, num_classes=1000), resolution)

@@ -129,6 +129,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "detkit.cli", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_config_show_and_one_line_errors(write_yaml):
     path = write_yaml("exp.yaml", "model:\n  backbone: {name: resnet50}\n")
     out = _cli("config", "show", str(path), "data.batch_size=16")

@@ -8,6 +8,8 @@ import pytest
 
 from conftest import TINY_CONFIG, detkit_cli, tiny_detector_overrides
 
+pytestmark = pytest.mark.slow  # several training processes: the full tier
+
 
 @pytest.fixture(scope="module")
 def odd_shapes(tmp_path_factory):

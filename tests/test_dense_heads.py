@@ -125,6 +125,7 @@ def test_a_wrong_weights_file_is_one_line(coco_retinanet, tmp_path):
                      str(coco_retinanet), ["x"], {"x": "unicorn"})
 
 
+@pytest.mark.slow
 def test_fine_tuning_from_a_coco_detector_through_train(shapes_dir, tmp_path):
     """A Faster R-CNN trained on COCO (seeded, saved locally) fine-tuned on shapes: its weights are where training
     starts, the classes it knows keep their rows, the report is in the run directory."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.models import detection as tvd
 
-from conftest import ROOT
+from conftest import ROOT, sweep
 from detkit import build_model, load_config
 from detkit.heads.ssd import from_torchvision_ssd
 from detkit.models import load_weights
@@ -38,7 +38,7 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", sweep(list(FAMILIES), fast=["fasterrcnn_resnet50_fpn"]))
 def test_torchvision_detection_weights_give_torchvisions_detections(family, tmp_path):
     build, overrides = FAMILIES[family]
     torch.manual_seed(0)
@@ -88,7 +88,7 @@ SSD_FAMILIES = {  # torchvision builder, detkit config (its base), input size, t
 }
 
 
-@pytest.mark.parametrize("family", list(SSD_FAMILIES))
+@pytest.mark.parametrize("family", sweep(list(SSD_FAMILIES), fast=["ssdlite320_mobilenet_v3_large"]))
 def test_torchvision_ssd_weights_give_torchvisions_detections(family, tmp_path):
     """torchvision's SSD300 (VGG-16 cut at its L2-normed conv4_3) and SSDlite (MobileNetV3 cut inside block 13)
     state dicts load whole through ``model.weights`` into the shipped configs, with the COCO class rows kept by

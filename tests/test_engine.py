@@ -60,6 +60,7 @@ def test_evaluate_a_run_directory_gives_its_metrics(trained_run):
     assert list((trained_run / "pr_curves").glob("*.png"))
 
 
+@pytest.mark.slow  # (the full tier's tests/test_faults.py resumes after every kind of stop)
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(shapes_dir, tmp_path):
     common = ("train.epochs=2", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1")
     full = detkit.train(TINY_CONFIG, tiny_detector_overrides(shapes_dir, tmp_path / "full", *common))
@@ -234,6 +235,7 @@ def test_eval_with_a_checkpoint_that_does_not_fit_the_config_is_one_line(trained
         detkit.evaluate(trained_run, overrides=["model.neck.out_channels=16"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["pennfudan", "coco128"])
 def test_mask_rcnn_trains_on_real_instance_masks(config, tmp_path):
     """The shipped Mask R-CNN configs, shrunk: instance-id PNGs (pennfudan) and COCO RLE/polygons (coco128)."""

@@ -147,6 +147,7 @@ def test_export_errors_are_one_line(tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
+@pytest.mark.slow
 @needs_onnxruntime
 def test_cli_exports_a_checkpoint(tmp_path):
     module = make_module("ssd")

@@ -23,6 +23,9 @@ import detkit
 from conftest import ROOT, TINY_CONFIG, tiny_detector_overrides
 from detkit.config import load_config
 
+# kills, signals and timeouts of real training processes: the full tier, alone
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
+
 # 2 epochs of 8 steps (the session's shapes set, batch 4), EMA on: every part of the state has to survive
 COMMON = ("train.epochs=2", "trainer.limit_val_batches=1", "train.checkpoint_every_minutes=null",
           "train.ema.enabled=true", "train.ema.decay=0.9")

@@ -63,6 +63,7 @@ def test_the_model_normalises_its_own_input():
     torch.testing.assert_close(raw["boxes"], normalised["boxes"])
 
 
+@pytest.mark.slow
 def test_load_model_needs_no_lightning(tmp_path):
     code = ("import sys, detkit; from detkit.inference import Predictor; "
             f"m = detkit.load_model({str(CKPTS / 'yolo_anynet.ckpt')!r}); "

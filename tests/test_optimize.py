@@ -117,6 +117,7 @@ def test_fast_predictor_gives_the_same_detections(head):
             assert (g["masks"] == e["masks"]).float().mean() > 0.999
 
 
+@pytest.mark.slow
 def test_compile_is_optional_and_keeps_detections():
     pytest.importorskip("torch._dynamo")
     from detkit.inference import Predictor

@@ -266,6 +266,7 @@ def test_cli_predict_a_glob_a_folder_and_an_unreadable_file(det_run, shapes_dir,
                                                                  [("d", v) for v in val[2:5]])
 
 
+@pytest.mark.slow
 def test_tools_infer_uses_the_python_api_and_prints_the_summary(det_run, shapes_dir, tmp_path):
     for f in val_images(shapes_dir, 3):
         (tmp_path / f.name).write_bytes(f.read_bytes())

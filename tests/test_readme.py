@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -18,6 +20,7 @@ def test_readme_python_example_runs(monkeypatch, capsys):
     assert "'p3': (1, 256, 40, 40)" in out or "'p3': (1, 128, 40, 40)" in out
 
 
+@pytest.mark.slow
 def test_readme_fine_tune_quickstart_runs_as_written(tmp_path, monkeypatch, capsys):
     """The "fine-tune a pretrained detector" commands, with torchvision's COCO Faster R-CNN saved locally (seeded
     weights: none can be downloaded here) and a few steps instead of the whole schedule."""

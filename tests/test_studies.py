@@ -68,6 +68,7 @@ def test_a_sample_becomes_the_same_network_through_the_task_config(shapes_dir):
     assert sum(p.numel() for p in net.parameters()) == sample.complexity["params"]
 
 
+@pytest.mark.slow
 # -------------------------------------------------------------------------------------------- design space
 def test_design_space_study_runs_resumes_and_survives_a_failing_sample(shapes_dir, tmp_path, monkeypatch):
     out = tmp_path / "ds"
@@ -129,6 +130,7 @@ class Interrupt(L.Callback):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_an_interrupted_sample_resumes_from_its_last_checkpoint(shapes_dir, tmp_path, monkeypatch, how):
     calls = []
@@ -163,6 +165,7 @@ def test_an_interrupted_sample_resumes_from_its_last_checkpoint(shapes_dir, tmp_
     assert r["train_s"] > first_attempt[0]
 
 
+@pytest.mark.slow
 def test_a_study_folder_refuses_other_settings_but_grows_with_n(shapes_dir, tmp_path, monkeypatch, write_yaml):
     drawn = []
     monkeypatch.setattr(design_study, "run_trials", lambda task, overrides, trials, out, **kw: drawn.append(
@@ -274,6 +277,7 @@ def test_transfer_refuses_runs_that_would_share_a_folder(shapes_dir, tmp_path):
     assert not (tmp_path / "settings.json").exists()
 
 
+@pytest.mark.slow
 def test_transfer_reports_mean_and_std_over_seeds_and_records_a_failure(shapes_dir, tmp_path):
     out = tmp_path / "tf"
     missing = tmp_path / "no_such_weights.pth"
@@ -323,6 +327,7 @@ def test_transfer_cli_prints_the_report(shapes_dir, tmp_path, capsys):
     assert "efficientnet@phi=0" in printed and "runs 1/1" in printed and str(out / "report.md") in printed
 
 
+@pytest.mark.slow
 def test_lineage_networks_have_one_line_each_and_expand_in_order():
     from detkit.analysis.lineage import LINEAGE, expand, ideas_table
 
@@ -336,6 +341,7 @@ def test_lineage_networks_have_one_line_each_and_expand_in_order():
     assert table.count("\n") == 4 and table.index("AlexNet") < table.index("ResNet-18")
 
 
+@pytest.mark.slow
 def test_transfer_over_lineage_networks_writes_years_ideas_and_the_four_plots(shapes_dir, tmp_path, capsys):
     out = tmp_path / "lineage"
     code = main(["transfer", str(YOLO_SHAPES), "--backbones", "tv:alexnet,resnet18,tv:shufflenet_v2_x1_0",

@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from conftest import ROOT
+from conftest import ROOT, sweep
 from detkit.analysis.lineage import LINEAGE
 from detkit.backbones import build_backbone, build_classifier
 from detkit.errors import ConfigError
@@ -24,7 +24,7 @@ NETWORKS = ["shufflenet_v2_x1_0", "mnasnet1_0", "googlenet", "alexnet", "mobilen
 LEVELS = {"alexnet": ["c2", "c3", "c4", "c5"], "convnext_tiny": ["c2", "c3", "c4", "c5"]}
 
 
-@pytest.mark.parametrize("name", NETWORKS)
+@pytest.mark.parametrize("name", sweep(NETWORKS, fast=["mobilenet_v2", "googlenet"]))
 def test_features_equal_torchvisions_extractor_on_the_same_weights(name, tmp_path):
     torch.manual_seed(0)
     backbone = build_backbone(f"tv:{name}", out_levels=["c3", "c4", "c5"]).eval()

@@ -218,6 +218,7 @@ def test_training_writes_semantic_metrics(unet_run):
     assert (unet_run / "checkpoints" / "best.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_eval_prints_the_per_class_table_and_matches_training(unet_run, tmp_path):
     result = detkit_cli("eval", str(unet_run), "--checkpoint", str(unet_run / "checkpoints" / "last.ckpt"),
                         "--out", str(tmp_path / "m.json"), "trainer.enable_progress_bar=false")
