@@ -257,7 +257,6 @@ def test_taps_and_normalisation_keys_are_checked():
     assert build_backbone("resnet18", mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]).std == (0.25, 0.25, 0.25)
 
 
-@pytest.mark.slow
 def test_ssd_vgg16_is_torchvisions_extractor_and_says_when_the_input_is_too_small():
     from torchvision.models import vgg16
     from torchvision.models.detection.ssd import SSDFeatureExtractorVGG

@@ -148,3 +148,50 @@ def test_the_plan_fills_the_budget_with_what_the_calibration_measured(monkeypatc
     assert 0.95 * (600 - other) - 0.5 - 0.01 <= total * 0.5 <= 0.95 * (600 - other)  # within a step
     assert total * 0.5 + other > 0.94 * 600
     assert found["final_validation_seconds"] == pytest.approx(per_validation + 2.0, abs=0.05)
+
+
+def test_the_budget_object_plans_through_the_trial_it_is_given_and_records_the_plan(shapes_dir, tmp_path):
+    """Budget: the calibration runs the throw-away fit it is given (here one that only lays out a clock's timestamps:
+    steps of 0.5 s, no wall-clock time spent); the plan sets train.total_steps and clips the warmup to a third of it,
+    the callbacks are the progress bar and the re-plan, budget.json records the plan; a resumed budgeted run takes
+    its own recorded steps instead of planning."""
+    from omegaconf import OmegaConf
+
+    from detkit.engine.budget import Budget, BudgetProgress, BudgetReplan
+    from detkit.engine.run import build_datamodule
+
+    cfg = load_config(TINY_CONFIG, tiny_detector_overrides(shapes_dir, "unused", "train.budget=2min",
+                                                           "train.warmup_iters=1000"))
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    trials = []
+
+    def trial(short, callbacks):
+        trials.append(short)
+        (clock,) = callbacks
+        clock.steps = [[0.5] * 5, [0.5] * 5]
+        clock.transitions, clock.validations = [0.1], [(1.0, [0.25, 0.25]), (1.0, [0.25, 0.25])]
+
+    budget = Budget.of(cfg, time.perf_counter())
+    budget.plan(dm, trial)
+    (short,) = trials
+    assert short.train.budget is None and short.train.epochs == 2 and short.trainer.limit_val_batches == 2
+    total = cfg.train.total_steps
+    assert 0.5 * 120 < 0.5 * total < 0.95 * 120 and cfg.train.warmup_iters == total // 3  # (validations take the rest)
+    replanned = []
+    callbacks = budget.callbacks(lambda trainer: replanned.append(trainer))
+    assert [type(c) for c in callbacks] == [BudgetProgress, BudgetReplan]
+    assert 0 < budget.max_time <= 120
+    budget.record(tmp_path, steps=total)
+    record = json.loads((tmp_path / "budget.json").read_text())
+    assert record["steps_planned"] == record["steps_trained"] == total and record["plan"]["step_seconds"] == 0.5
+    assert Budget.of(load_config(TINY_CONFIG), 0.0) is None  # no train.budget: no Budget
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    again = load_config(TINY_CONFIG, tiny_detector_overrides(shapes_dir, "unused", "train.budget=2min"))
+    resumed = Budget.of(again, time.perf_counter(), resumed_from=run / "checkpoints" / "last.ckpt")
+    resumed.plan(dm, trial=None)  # (never called: the run's own plan is taken)
+    assert again.train.total_steps == total and resumed.planned is None
+    assert [type(c) for c in resumed.callbacks(lambda trainer: None)] == [BudgetProgress]
