@@ -100,6 +100,8 @@ def test_the_cli_takes_formats_and_options_from_the_registry(capsys):
     assert json.loads(capsys.readouterr().out)["images"] > 0
     assert main(["data", "stats", "--format", "voc", *mini, "--ignore-index", "3"]) == 2
     assert "--ignore-index: --format voc has no such option (it is one of masks)" in capsys.readouterr().err
+    assert main(["data", "stats", str(ROOT / "configs/_base_/data/camvid.yaml"), "--ignore-index", "3"]) == 2
+    assert "give either CONFIG or --format/--images/--annotations/--ignore-index, not both" in capsys.readouterr().err
     assert main(["data", "convert", "--format", "masks", *mini, "out"]) == 2
     assert "convert takes coco, voc, yolo, instance_masks" in capsys.readouterr().err
 

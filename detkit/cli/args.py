@@ -14,8 +14,13 @@ def dataset_from_args(args: argparse.Namespace):
     from detkit.config import load_config
 
     if args.config:
-        if args.format:
-            raise DetkitError("give either CONFIG or --format/--images/--annotations, not both")
+        from detkit.data.formats import all_options
+
+        flags = [f"--{n.replace('_', '-')}" for n in all_options() if getattr(args, n, None) is not None]
+        if args.format or flags:
+            given = "".join("/" + f for f in flags)
+            raise DetkitError(f"give either CONFIG or --format/--images/--annotations{given}, not both (a config's "
+                              f"options: data.<split>.<option>=VALUE)")
         cfg = load_config(args.config, args.overrides)
         split = args.split or "train"
         if split not in ("train", "val", "test"):
