@@ -100,7 +100,7 @@ def test_named_weights_offline_fail_in_one_line():
     # unreachable host: fail at once, without waiting for the library's retries
     with mock.patch.object(pretrained_mod, "host_reachable", return_value=False), \
             mock.patch("torchvision.models._api.load_state_dict_from_url") as download, \
-            mock.patch("detkit.backbones.family._in_torch_hub_cache", return_value=False):
+            mock.patch("detkit.backbones.pretrained.in_torch_hub_cache", return_value=False):
         with pytest.raises(PretrainedError, match="download.pytorch.org is not reachable"):
             build_backbone("mobilenet_v3_small", pretrained="DEFAULT")
         download.assert_not_called()

@@ -15,17 +15,15 @@ list of prefixes, family names or options of its own.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from detkit.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, LevelPlan
-from detkit.backbones.pretrained import fetch_named, load_into, looks_like_path, read_state_dict
+from detkit.backbones.pretrained import load_into, looks_like_path, read_state_dict, torchvision_weights
 from detkit.errors import ConfigError, PretrainedError
 
 # The optional keys of model.backbone a family may take, and the default line when one is set but not taken
@@ -160,22 +158,4 @@ def _pretrained_state(spec: BackboneSpec, pretrained: str) -> tuple[dict, str]:
             f"model.backbone.pretrained = {pretrained!r}: {spec.name} has no named weights (it is built from "
             f"parameters); give a path to a state dict file"
         )
-    from torchvision.models import get_model_weights
-
-    enum = get_model_weights(spec.torchvision_weights)
-    names = [w.name for w in enum] + ["DEFAULT"]
-    if pretrained not in names:
-        raise PretrainedError(
-            f"model.backbone.pretrained = {pretrained!r}: not a file and not named weights of {spec.name} "
-            f"(named: {', '.join(names)})"
-        )
-    weights = enum[pretrained]
-    state = fetch_named(spec.name, pretrained, lambda: weights.get_state_dict(progress=False, check_hash=True),
-                        host=urlparse(weights.url).hostname, cached=_in_torch_hub_cache(weights.url))
-    return state, f"torchvision weights {weights}"
-
-
-def _in_torch_hub_cache(url: str) -> bool:
-    import torch.hub
-
-    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path)))
+    return torchvision_weights(spec.torchvision_weights, pretrained, spec.name)

@@ -144,3 +144,31 @@ def fetch_named(name: str, weights: str, download: Callable[[], dict[str, torch.
         raise PretrainedError(
             f"cannot fetch named weights {weights!r} for {name} (offline? {type(e).__name__}: {reason[:160]}); {hint}"
         ) from None
+
+
+def torchvision_weights(model: str, tag: str, label: str) -> tuple[dict[str, torch.Tensor], str]:
+    """``(state dict, description)`` of torchvision's named weights ``tag`` of classifier ``model`` (``label``: the
+    backbone's name in messages); downloaded when online, from torch's hub cache when there, else one line
+    suggesting a file. An unknown tag is one line listing the names."""
+    from urllib.parse import urlparse
+
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(model)
+    names = [w.name for w in enum] + ["DEFAULT"]
+    if tag not in names:
+        raise PretrainedError(f"model.backbone.pretrained = {tag!r}: not a file and not named weights of {label} "
+                              f"(named: {', '.join(names)})")
+    weights = enum[tag]
+    state = fetch_named(label, tag, lambda: weights.get_state_dict(progress=False, check_hash=True),
+                        host=urlparse(weights.url).hostname, cached=in_torch_hub_cache(weights.url))
+    return state, f"torchvision weights {weights}"
+
+
+def in_torch_hub_cache(url: str) -> bool:
+    """torch's hub cache holds the file of ``url`` (named weights load offline)."""
+    from urllib.parse import urlparse
+
+    import torch.hub
+
+    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path)))

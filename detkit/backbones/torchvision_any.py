@@ -156,18 +156,6 @@ FAMILY = BackboneFamily(
 
 def _named(name: str, tag: str) -> dict[str, torch.Tensor]:
     """torchvision's named weights of ``name`` (downloaded when online; offline: one line suggesting a file)."""
-    from urllib.parse import urlparse
+    from detkit.backbones.pretrained import torchvision_weights
 
-    from torchvision.models import get_model_weights
-
-    from detkit.backbones.pretrained import fetch_named
-    from detkit.errors import PretrainedError
-
-    enum = get_model_weights(name)
-    names = [w.name for w in enum] + ["DEFAULT"]
-    if tag not in names:
-        raise PretrainedError(f"model.backbone.pretrained = {tag!r}: not a file and not named weights of tv:{name} "
-                              f"(named: {', '.join(names)})")
-    weights = enum[tag]
-    return fetch_named(f"tv:{name}", tag, lambda: weights.get_state_dict(progress=False, check_hash=True),
-                       host=urlparse(weights.url).hostname)
+    return torchvision_weights(name, tag, f"tv:{name}")[0]
