@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install demo test test-full lint clean-venv
+.PHONY: install demo test test-slow test-full lint clean-venv
 
 install: $(STAMP)
 
@@ -31,10 +31,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -n $(JOBS) --dist loadfile $(PYTEST_ARGS)
 
-# Every test (CI): in parallel, then the tests that measure wall-clock time (marked serial) alone.
-test-full: $(STAMP)
-	$(PY) -m pytest -m "not serial" -n $(JOBS) --dist loadfile $(PYTEST_ARGS)
+# The rest of the suite (the tests marked slow): in parallel, then the tests that measure wall-clock time
+# (marked serial) alone. CI runs make test, then this.
+test-slow: $(STAMP)
+	$(PY) -m pytest -m "slow and not serial" -n $(JOBS) --dist loadfile $(PYTEST_ARGS)
 	$(PY) -m pytest -m serial $(PYTEST_ARGS)
+
+# Every test: the fast tier, then the slow one.
+test-full: test test-slow
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check detkit tests tools benchmarks
