@@ -110,6 +110,10 @@ def test_bad_override_syntax_and_interpolation():
         load_config(None, ["data.batch_size"])
     with pytest.raises(ConfigError, match="config key 'model.neck.out_channels': cannot resolve interpolation"):
         load_config(None, ["model.neck.out_channels=${nope.key}"])
+    for value in ("{depths:[2,1]}", "[1, 2", "{a: 1", "'unclosed"):  # YAML that does not parse: one line naming it
+        with pytest.raises(ConfigError, match=r"bad override .model.backbone.kwargs=.*not YAML") as info:
+            load_config(None, ["data.batch_size=2", f"model.backbone.kwargs={value}"])
+        assert "\n" not in str(info.value)
 
 
 def test_free_form_sections_accept_any_key():

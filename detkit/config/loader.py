@@ -108,6 +108,13 @@ def _parse_overrides(overrides: Iterable[str]) -> dict:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"bad override {item!r}: expected key=value, e.g. model.backbone.name=resnet50")
+    for item in overrides:  # each alone first, so that the error names the override at fault
+        try:
+            OmegaConf.from_dotlist([item])
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
+            reason = " ".join(str(e).split("\n")[0:1] + [ln.strip() for ln in str(e).splitlines()[2:3]])
+            raise ConfigError(f"bad override {item!r}: its value is not YAML ({reason}); a mapping needs a space "
+                              f"after each colon, e.g. key={{a: 1}}, or set its keys one by one (key.a=1)") from None
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(overrides))  # type: ignore[return-value]
     except OmegaConfBaseException as e:
