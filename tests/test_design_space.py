@@ -93,8 +93,8 @@ def test_complexity_of_a_preset_is_the_published_one():
     assert abs(c["flops"] / 1e6 - 400) < 20 and abs(c["params"] / 1e6 - 5.5) < 0.2
 
 
-@pytest.mark.parametrize("space", sweep(sorted(SPACES), fast=["regnetx"]))
-def test_complexity_formula_equals_counting_the_built_network(space):
+@pytest.mark.parametrize("space", sweep(sorted(s for s in SPACES if s != "csp"), fast=["regnetx"]))
+def test_complexity_formula_equals_counting_the_built_network(space):  # csp's formula: tests/test_csp.py
     from detkit.analysis.complexity import count_built
     from detkit.backbones.regnet import build_regnet
 

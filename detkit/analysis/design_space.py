@@ -1,10 +1,11 @@
 """Design spaces of networks and the tools to judge them by their error distribution (Radosavovic et al.,
 "Designing Network Design Spaces", 2020).
 
-A design space is a distribution over networks. Every space here describes a 4-stage X-block network (ResNeXt
-bottleneck blocks, torchvision's ``RegNet`` class) by per-stage depths ``d_i``, widths ``w_i``, bottleneck
-ratios ``b_i`` and group widths ``g_i`` (:class:`detkit.backbones.regnet.RegNetStages`); a sample is one
-such network, built with :func:`detkit.backbones.regnet.build_regnet`.
+A design space is a distribution over networks. The AnyNet and RegNet spaces describe a 4-stage X-block network
+(ResNeXt bottleneck blocks, torchvision's ``RegNet`` class) by per-stage depths ``d_i``, widths ``w_i``, bottleneck
+ratios ``b_i`` and group widths ``g_i`` (:class:`detkit.backbones.regnet.RegNetStages`), built with
+:func:`detkit.backbones.regnet.build_regnet`; the ``csp`` space a CSP network
+(:class:`detkit.backbones.csp.CSPDesign`). A sample is one such network.
 
 Spaces (:data:`SPACES`), with the paper's ranges:
 
@@ -15,16 +16,21 @@ Spaces (:data:`SPACES`), with the paper's ranges:
 - ``regnetx_full``: RegNet's six numbers: ``d`` < 64, ``w0`` < 256, 0 < ``wa`` < 256, 1.5 <= ``wm`` <= 3, ``b``
   and ``g`` as AnyNet; widths from the quantized linear rule (:func:`detkit.backbones.regnet.regnet_stages`);
 - ``regnetx``: the refined RegNetX: ``b`` = 1, 12 <= ``d`` <= 28, ``wm`` >= 2;
-- ``regnety``: ``regnetx`` with Squeeze-and-Excitation (ratio 0.25).
+- ``regnety``: ``regnetx`` with Squeeze-and-Excitation (ratio 0.25);
+- ``csp``: a space of CPU-efficient networks (:mod:`detkit.backbones.csp`: plain 3x3 convolutions in
+  cross-stage-partial stages, no grouped or depthwise convolution): per stage ``d_i`` in 1..6 and ``w_i`` in
+  16..512 (divisible by 8, non-decreasing), a split ratio shared by the stages in {0.5, 1}, ``dense`` (every block's
+  output merged, or only the last) and a stem width in {16, 32}.
 
 Sampling: depths and group widths uniformly over their integers, widths, ``w0`` and ``wa`` log-uniformly (as
 pycls' sweeps do), ``wm`` log-uniformly, bottleneck ratios uniformly over {1, 2, 4}; ordered spaces (D, E) by
 rejection, so that every admissible network keeps its probability. A RegNet sample whose quantized widths do not
 make exactly 4 stages is rejected (the paper's 4-stage constraint). A group width larger than a stage's
 bottleneck width is shrunk to it (torchvision's rule). Budgets (:class:`Budget`) bound params, FLOPs and
-activations (of the ImageNet classifier at 224 x 224, as the paper counts them; :func:`complexity_of`, a formula
-equal to counting the built network) and optionally the paper's ``activations <= 6.5 sqrt(flops)`` and ``params <=
-3.0 + 5.5 flops`` (millions, GF); samples outside are rejected.
+activations (of the classifier network at ``input_size`` x ``input_size``, 224 as the paper counts them, or a
+detection input size; :func:`complexity_of`, a formula per network form equal to counting the built network) and
+optionally the paper's ``activations <= 6.5 sqrt(flops)`` and
+``params <= 3.0 + 5.5 flops`` (millions, GF); samples outside are rejected.
 
 Analysis: :func:`edf` (the error empirical distribution function), :func:`bootstrap_edf` (its pointwise
 confidence band), :func:`fit_quantized_linear` (``e_fit`` of a network's per-block widths: how far they are from
@@ -40,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from detkit.backbones.csp import CSPDesign, csp_complexity
 from detkit.backbones.regnet import RegNetStages, compatible_widths, regnet_stages
 from detkit.errors import ConfigError
 
@@ -59,6 +66,7 @@ class Budget:
     params: tuple[float | None, float | None] = (None, None)
     activations: tuple[float | None, float | None] = (None, None)
     paper_constraints: bool = False
+    input_size: int = 224  # the side of the square input the complexity is counted at
 
     def admits(self, c: dict[str, int]) -> bool:
         for key, (lo, hi) in (("flops", self.flops), ("params", self.params), ("activations", self.activations)):
@@ -76,7 +84,7 @@ class Sample:
 
     space: str
     params: dict[str, Any]
-    stages: RegNetStages
+    stages: RegNetStages | CSPDesign
     complexity: dict[str, int] = field(default_factory=dict)
 
     def block_widths(self) -> list[int]:
@@ -84,7 +92,14 @@ class Sample:
 
     def as_dict(self) -> dict[str, Any]:
         return {"space": self.space, "params": self.params, "stages": asdict(self.stages),
-                "complexity": self.complexity}
+                "kind": kind_of(self.stages), "complexity": self.complexity}
+
+
+KINDS: dict[str, type] = {"xblock": RegNetStages, "csp": CSPDesign}  # the network forms a space's samples take
+
+
+def kind_of(stages: RegNetStages | CSPDesign) -> str:
+    return next(k for k, cls in KINDS.items() if isinstance(stages, cls))
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -136,23 +151,39 @@ def _regnet(refined: bool, se_ratio: float) -> Callable[[np.random.Generator], t
     return sample
 
 
-SPACES: dict[str, Callable[[np.random.Generator], tuple[dict[str, Any], RegNetStages] | None]] = {
+def _csp(rng: np.random.Generator) -> tuple[dict[str, Any], CSPDesign] | None:
+    depths = [int(rng.integers(1, 7)) for _ in range(NUM_STAGES)]
+    widths = [int(min(512, max(16, round(_log_uniform(rng, 16, 512) / 8) * 8))) for _ in range(NUM_STAGES)]
+    if any(w2 < w1 for w1, w2 in zip(widths, widths[1:])):
+        return None
+    ratio = float(rng.choice([0.5, 1.0]))
+    dense = bool(rng.integers(0, 2))
+    stem = int(rng.choice([16, 32]))
+    params = {"depths": depths, "widths": widths, "split_ratio": ratio, "dense": dense, "stem_width": stem}
+    return params, CSPDesign(depths, widths, [ratio] * NUM_STAGES, dense, stem)
+
+
+SPACES: dict[str, Callable[[np.random.Generator], tuple[dict[str, Any], RegNetStages | CSPDesign] | None]] = {
     **{f"anynetx_{v}": _anynet(v) for v in "abcde"},
     "regnetx_full": _regnet(refined=False, se_ratio=0.0),
     "regnetx": _regnet(refined=True, se_ratio=0.0),
     "regnety": _regnet(refined=True, se_ratio=0.25),
+    "csp": _csp,
 }
 
 
-def complexity_of(stages: RegNetStages, input_size: int = 224, stem_width: int = 32,
+def complexity_of(stages: RegNetStages | CSPDesign, input_size: int = 224, stem_width: int = 32,
                   num_classes: int = 1000) -> dict[str, int]:
     """Params, FLOPs (multiply-adds) and activations of the ImageNet classifier with these stages, by formula.
+    A CSP network: :func:`detkit.backbones.csp.csp_complexity`.
 
     The same numbers as :func:`detkit.analysis.complexity.count_built` on :func:`~detkit.backbones.regnet.build_regnet`
     (a test checks they are equal), ~1000x faster, so sampling under a narrow budget costs little. Per X block
     (torchvision's ``ResBottleneckBlock``): 1x1 conv to the inner width ``w_b``, 3x3 group conv (stride 2 in a
     stage's first block), optional SE, 1x1 conv to the output width, and a 1x1 projection where the shape changes.
     """
+    if isinstance(stages, CSPDesign):
+        return csp_complexity(stages, input_size, num_classes)
     params = flops = acts = 0
 
     def conv(c_in: int, c_out: int, k: int, res: int, groups: int = 1, bn: bool = True, bias: bool = False) -> None:
@@ -204,7 +235,7 @@ def sample_space(space: str, n: int, seed: int = 0, budget: Budget | None = None
         if drawn is None:
             continue
         params, stages = drawn
-        complexity = complexity_of(stages)
+        complexity = complexity_of(stages, budget.input_size)
         if not budget.admits(complexity):
             continue
         out.append(Sample(space, params, stages, complexity))

@@ -26,7 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from detkit.analysis.design_space import SPACES, Budget, Sample, bootstrap_edf, fit_quantized_linear, sample_space
+from detkit.analysis.design_space import (
+    KINDS,
+    SPACES,
+    Budget,
+    Sample,
+    bootstrap_edf,
+    fit_quantized_linear,
+    sample_space,
+)
 from detkit.analysis.study import (
     Trial,
     check_settings,
@@ -37,19 +45,23 @@ from detkit.analysis.study import (
     write_json,
     write_table,
 )
-from detkit.backbones.regnet import RegNetStages
 from detkit.errors import ConfigError
 from detkit.utils.lock import FolderLock
 
 log = logging.getLogger(__name__)
 ANYNET_COLUMNS = [f"{p}{i}" for p in "dwbg" for i in range(1, 5)]
 REGNET_COLUMNS = ["depth", "w0", "wa", "wm", "bottleneck", "group_width"]
+CSP_COLUMNS = [*(f"{p}{i}" for p in "dw" for i in range(1, 5)), "split_ratio", "dense", "stem_width"]
 LOG_X = {"w1", "w2", "w3", "w4", "w0", "wa", "imagenet_flops", "imagenet_params"}
 
 
 def sample_overrides(sample: Sample) -> list[str]:
-    """The task overrides that make the sample the backbone: ``anynet`` with its exact stages, from scratch."""
+    """The task overrides that make the sample the backbone: ``anynet`` with its exact stages (``cspnet`` with its
+    design), from scratch."""
     st = sample.stages
+    if isinstance(st, KINDS["csp"]):
+        design = [f"model.backbone.kwargs.{k}={json.dumps(v).replace(' ', '')}" for k, v in st.as_dict().items()]
+        return ["model.backbone.name=cspnet", *design, "model.backbone.pretrained=null"]
     return ["model.backbone.name=anynet", f"model.backbone.anynet.depths={st.depths}",
             f"model.backbone.anynet.widths={st.widths}", f"model.backbone.anynet.group_widths={st.group_widths}",
             f"model.backbone.anynet.bottleneck_ratios={st.bottleneck_ratios}",
@@ -61,6 +73,11 @@ def flat_params(sample: Sample) -> dict[str, Any]:
     widths ``g1..g4`` of the network as built (torchvision rounds a stage's inner width to a multiple of its group
     width, and shrinks a group wider than the stage); RegNet: its six numbers."""
     p = sample.params
+    if isinstance(sample.stages, KINDS["csp"]):
+        st = sample.stages
+        return {**{f"d{i + 1}": d for i, d in enumerate(st.depths)},
+                **{f"w{i + 1}": w for i, w in enumerate(st.widths)},
+                **{k: p[k] for k in ("split_ratio", "dense", "stem_width")}}
     if "depths" in p:
         st = sample.stages
         columns = {"d": st.depths, "w": st.widths, "b": p["bottlenecks"], "g": st.group_widths}
@@ -70,7 +87,7 @@ def flat_params(sample: Sample) -> dict[str, Any]:
 
 def read_samples(path: Path) -> list[Sample]:
     try:
-        return [Sample(d["space"], d["params"], RegNetStages(**d["stages"]), d["complexity"])
+        return [Sample(d["space"], d["params"], KINDS[d.get("kind", "xblock")](**d["stages"]), d["complexity"])
                 for d in json.loads(path.read_text())]
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{path}: not a samples file detkit wrote ({type(e).__name__}: {e}); remove it to draw "
@@ -120,7 +137,10 @@ def _run_spaces(spaces, n, task, out, overrides, budget, seed, retry_failed, bas
     plans = []
     for space in spaces:  # draw every space first: an impossible budget fails before anything trains
         sdir = out / space
-        settings = {"space": space, "n": n, "seed": seed, "budget": asdict(budget), **base}
+        counted_at = asdict(budget)
+        if counted_at["input_size"] == 224:  # ImageNet's: the studies written before budgets had a size
+            del counted_at["input_size"]
+        settings = {"space": space, "n": n, "seed": seed, "budget": counted_at, **base}
         check_settings(sdir, settings, grow=("n",), write=False)
         plans.append((sdir, settings, load_samples(sdir, space, n, seed, budget)))
     for sdir, settings, samples in plans:
@@ -159,7 +179,7 @@ def write_report(out: Path, n_boot: int = 1000, level: float = 0.95) -> list[dic
     for sdir in sorted(p.parent for p in out.glob("*/settings.json")):
         space = sdir.name
         records, pending = space_results(sdir)
-        params = ANYNET_COLUMNS if space.startswith("anynet") else REGNET_COLUMNS
+        params = ANYNET_COLUMNS if space.startswith("anynet") else CSP_COLUMNS if space == "csp" else REGNET_COLUMNS
         columns = ["sample", "status", "error", *params, "imagenet_flops", "imagenet_params",
                    "imagenet_activations", "backbone_flops", "e_fit", "train_s", "failure"]
         fmt = {c: human for c in ("imagenet_flops", "imagenet_params", "imagenet_activations", "backbone_flops")}
@@ -188,7 +208,27 @@ def write_report(out: Path, n_boot: int = 1000, level: float = 0.95) -> list[dic
     write_table(summary, columns, out / "summary", {"median_imagenet_flops": human})
     if curves:
         plot_edfs(curves, out / "edf.png", level=level)
+    pairs = ks_tests({space: c["errors"] for space, c in curves.items()})
+    if pairs:
+        write_table(pairs, ["space_a", "space_b", "n_a", "n_b", "ks", "p_value"], out / "ks")
+        for row in summary:
+            row["ks"] = [p for p in pairs if row["space"] in (p["space_a"], p["space_b"])]
     return summary
+
+
+def ks_tests(errors: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """The two-sample Kolmogorov-Smirnov test between every two spaces' errors: the statistic (the largest gap
+    between their EDFs) and its p-value (how likely a gap this large is when both come from one distribution)."""
+    from scipy.stats import ks_2samp
+
+    names = [s for s in errors if len(errors[s]) >= 2]
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            test = ks_2samp(errors[a], errors[b])
+            rows.append({"space_a": a, "space_b": b, "n_a": len(errors[a]), "n_b": len(errors[b]),
+                         "ks": round(float(test.statistic), 4), "p_value": float(f"{test.pvalue:.4g}")})
+    return rows
 
 
 def format_summary(rows: Sequence[dict[str, Any]], out: Path) -> str:
@@ -202,6 +242,10 @@ def format_summary(rows: Sequence[dict[str, Any]], out: Path) -> str:
         lines.append(f"  {r['space']:<13} {counts}; error min {r['min_error']:.4f} median "
                      f"{r['median_error']:.4f} mean {r['mean_error']:.4f}; median e_fit {r['median_e_fit']:.4f}; "
                      f"best {r['best_sample']}")
+    pairs = {(p["space_a"], p["space_b"]): p for r in rows for p in r.get("ks", [])}
+    for p in pairs.values():
+        lines.append(f"  KS {p['space_a']} vs {p['space_b']}: D = {p['ks']:.3f}, p = {p['p_value']:.3g} "
+                     f"(n = {p['n_a']}, {p['n_b']})")
     return "\n".join(lines)
 
 

@@ -39,7 +39,7 @@ def _design_space(args: argparse.Namespace) -> int:
     if not args.space or not args.task:
         raise DetkitError("design-space: give SPACE[,SPACE...] and --task CONFIG (or --fit WIDTHS, --report DIR)")
     budget = Budget(flops=args.flops_budget, params=args.params_budget, activations=args.activations_budget,
-                    paper_constraints=args.paper_constraints)
+                    paper_constraints=args.paper_constraints, input_size=args.budget_size)
     out = Path(args.out or Path("runs") / "design-space" / Path(args.task).stem)
     rows = run_design_space([s.strip() for s in args.space.split(",") if s.strip()], args.n, args.task, out=out,
                             overrides=STUDY_OVERRIDES + list(args.overrides), budget=budget, seed=args.seed,
@@ -71,16 +71,18 @@ def add_parsers(sub) -> None:
     ds = sub.add_parser("design-space", help="sample backbones from design spaces (RegNet, AnyNet), train each on a "
                                              "task, and compare the spaces by their error EDFs")
     ds.add_argument("space", nargs="?", metavar="SPACE[,SPACE...]",
-                    help="anynetx_a ... anynetx_e, regnetx_full, regnetx (refined), regnety")
+                    help="anynetx_a ... anynetx_e, regnetx_full, regnetx (refined), regnety, csp (CPU-efficient)")
     ds.add_argument("overrides", nargs="*", help="key=value overrides applied to the task")
     ds.add_argument("--task", metavar="CONFIG", help="the task config every sample trains on")
     ds.add_argument("--n", type=positive_int, default=16, help="samples per space (default 16; more extends a study)")
     ds.add_argument("--flops-budget", type=budget_range, default=(None, None), metavar="[MIN:]MAX",
-                    help="ImageNet classifier FLOPs (multiply-adds) at 224, e.g. 400M or 360M:400M")
+                    help="classifier FLOPs (multiply-adds) at --budget-size, e.g. 400M or 360M:400M")
+    ds.add_argument("--budget-size", type=positive_int, default=224, metavar="PX",
+                    help="input side the budgets count at (default 224, ImageNet's; e.g. 320, a detection size)")
     ds.add_argument("--params-budget", type=budget_range, default=(None, None), metavar="[MIN:]MAX",
                     help="parameters, e.g. 6M")
     ds.add_argument("--activations-budget", type=budget_range, default=(None, None), metavar="[MIN:]MAX",
-                    help="activations (conv outputs) at 224, e.g. 5M")
+                    help="activations (conv outputs) at --budget-size, e.g. 5M")
     ds.add_argument("--paper-constraints", action="store_true",
                     help="also activations <= 6.5 sqrt(GF) M and params <= 3.0 + 5.5 GF M (the refined RegNetX)")
     ds.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed (default 0)")
