@@ -361,13 +361,42 @@ def worker_train(spec: dict[str, Any]) -> dict[str, Any]:
     lr0 = round(0.002 * 5 / (4 + nc), 6) if trainer.args.optimizer == "auto" else trainer.args.lr0
     optimizer = {"name": type(opt).__name__, "lr0": lr0, "accumulate": trainer.accumulate,
                  "batch": trainer.batch_size, "nbs": trainer.args.nbs, "steps_per_epoch": len(trainer.train_loader)}
-    weights = save_dir / "weights" / "last.pt"
-    val_model = YOLO(str(weights))
-    own = val_model.val(data=spec["data"], project=spec["project"], name="val", **spec["val_args"])
-    pred = Path(own.save_dir) / "predictions.json"
-    return {"train_s": train_s, "epoch_s": epoch_s, "weights": str(weights), "predictions": str(pred),
-            "own_metrics": {k: float(v) for k, v in own.results_dict.items()}, "optimizer": optimizer,
-            "params": sum(p.numel() for p in val_model.model.parameters())}
+    scored: dict[str, Any] = {}
+    for which in ("last", "best"):  # final weights, and best.pt when validation picked one
+        weights = save_dir / "weights" / f"{which}.pt"
+        if which == "best" and not (weights.is_file() and trainer.args.val):
+            continue
+        val_model = YOLO(str(weights))
+        own = val_model.val(data=spec["data"], project=spec["project"], name=f"val_{which}", **spec["val_args"])
+        scored[which] = {"weights": str(weights), "predictions": str(Path(own.save_dir) / "predictions.json"),
+                         "own_metrics": {k: float(v) for k, v in own.results_dict.items()}}
+    model_info = measure_ultralytics(scored["last"]["weights"], int(spec["train_args"]["imgsz"]))
+    return {"train_s": train_s, "epoch_s": epoch_s, "epochs_done": len(times) if csv_path.exists() else None,
+            **scored["last"], "best": scored.get("best"), "optimizer": optimizer, **model_info}
+
+
+def measure_ultralytics(weights: str, size: int, repeats: int = 20, warmup: int = 3) -> dict[str, Any]:
+    """Params and multiply-adds (detkit's counter, the same as its own rows) of the network at ``size`` x ``size``,
+    and its batch-1 forward latency in eval mode, fused as Ultralytics predicts (median ms, no NMS)."""
+    import copy
+
+    import torch
+    from ultralytics import YOLO
+
+    from detkit.analysis.complexity import count_complexity
+
+    model = YOLO(weights).model.float().eval()
+    comp = count_complexity(model, size)
+    fused = copy.deepcopy(model).fuse(verbose=False)
+    x = torch.zeros(1, 3, size, size)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            t = time.perf_counter()
+            fused(x)
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+    return {"params": comp.params, "macs": comp.flops, "forward_ms": round(statistics.median(times) * 1e3, 2)}
 
 
 def worker_latency(spec: dict[str, Any]) -> dict[str, Any]:

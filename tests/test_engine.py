@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 import detkit
 from conftest import TINY_CONFIG, tiny_detector_overrides
 from detkit.config import load_config
-from detkit.engine.optim import lr_factor, param_groups
+from detkit.engine.optim import build_optimizer, lr_factor, param_groups
 from detkit.errors import ConfigError, TrainingError
 
 REQUIRED = ["bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_APs", "bbox_APm", "bbox_APl", "bbox_AR100", "voc07_mAP",
@@ -144,6 +145,26 @@ def test_no_weight_decay_on_norms_and_biases():
     assert {id(p) for p in no_decay["params"]} == {id(model[0].bias), id(model[1].weight), id(model[1].bias),
                                                    id(model[2].bias)}
     assert no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_the_optimizer_is_fused_and_updates_as_the_per_op_one(name):
+    torch.manual_seed(0)
+    # (no bias before the BatchNorm: its gradient is rounding noise, which Adam would scale up to a full step)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 4, 1))
+    model.to(memory_format=torch.channels_last)
+    twin = copy.deepcopy(model)
+    t = load_config(None, [f"train.optimizer={name}", "train.lr=0.01"]).train
+    fused, plain = build_optimizer(model, t), build_optimizer(twin, t, fused=False)
+    assert fused.defaults.get("fused") is True and not plain.defaults.get("fused")
+    x = torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        for m, opt in ((model, fused), (twin, plain)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_learning_rate_schedule():

@@ -197,7 +197,8 @@ class DetectionModule(L.LightningModule):
     # -------------------------------------------------------------------------------------- optimizers
     def configure_optimizers(self):
         t = self.cfg.train
-        optimizer = build_optimizer(self.model, t)
+        # not under mixed precision: Lightning's AMP plugin refuses to clip the gradients of a fused optimizer
+        optimizer = build_optimizer(self.model, t, fused="mixed" not in str(self.cfg.trainer.precision))
         spe = self.steps_per_epoch()
         # the schedule's length: train.total_steps (a budget's plan, which it may re-plan during the warmup), else
         # the epochs; never trainer.max_steps

@@ -48,13 +48,21 @@ def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, t: Any) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, t: Any, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW or SGD over :func:`param_groups`. ``fused``: torch's fused kernels (one pass over each parameter for
+    the whole update, on CPU as on CUDA: about 2-3x faster a step on a CPU than the per-op default) where every
+    parameter is a floating-point tensor on a CPU or CUDA device. The module asks for it in full precision only:
+    Lightning's mixed-precision plugin does not clip the gradients of a fused optimizer (a ``GradScaler`` must
+    unscale them first)."""
     depthwise = t.depthwise_weight_decay
     groups = param_groups(model, float(t.weight_decay), float(t.norm_weight_decay),
                           None if depthwise is None else float(depthwise))
+    params = [p for g in groups for p in g["params"]]
+    kwargs = {"fused": True} if fused and params and all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) else {}
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.momentum, 0.999))
-    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.momentum, 0.999), **kwargs)
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, **kwargs)
 
 
 def lr_factor(step: int, t: Any, total_steps: int, steps_per_epoch: int) -> float:
