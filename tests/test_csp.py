@@ -99,3 +99,64 @@ def test_ks_between_spaces_on_known_errors():
     assert set(by_pair) == {("a", "b"), ("a", "c"), ("b", "c")}  # d: one error, no test
     assert by_pair["a", "b"]["ks"] == 0.0 and by_pair["a", "b"]["p_value"] == 1.0
     assert by_pair["a", "c"]["ks"] == 1.0 and by_pair["a", "c"]["p_value"] < 1e-10
+
+
+def fake_trials(errors):
+    """A study's run_trials that trains nothing: each trial's result has the error ``errors(name, overrides)``."""
+    from detkit.analysis import study
+
+    def run(task, overrides, trials, out, **kw):
+        results = []
+        for t in trials:
+            r = {"trial": t.name, **t.info, "status": "done", "value": 1.0 - errors(t.name, [*overrides, *t.overrides])}
+            study.write_json(r, out / t.name / "result.json")
+            results.append(r)
+        return results
+    return run
+
+
+def test_a_csp_study_reports_its_design_columns_and_the_ks_test_between_spaces(tmp_path, monkeypatch):
+    from detkit.analysis import design_study
+    from detkit.analysis.design_study import run_design_space
+
+    # csp errors low, anynet errors high: the KS test between them says so
+    monkeypatch.setattr(design_study, "run_trials", fake_trials(
+        lambda name, ov: (0.2 if "model.backbone.name=cspnet" in ov else 0.6) + int(name[-3:]) / 100))
+    budget = Budget(flops=(None, 800e6), input_size=320)
+    rows = run_design_space(["csp", "anynetx_a"], 6, "configs/yolo_af/shapes.yaml", out=tmp_path, budget=budget)
+    by_space = {r["space"]: r for r in rows}
+    assert by_space["csp"]["done"] == 6 and by_space["csp"]["min_error"] == pytest.approx(0.2)
+    (ks,) = by_space["csp"]["ks"]
+    assert ks["ks"] == 1.0 and ks["p_value"] < 0.01 and {ks["space_a"], ks["space_b"]} == {"csp", "anynetx_a"}
+    assert (tmp_path / "ks.md").is_file()
+    header = (tmp_path / "csp" / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"d1", "w4", "split_ratio", "dense", "stem_width"} <= set(header)
+    settings = json.loads((tmp_path / "csp" / "settings.json").read_text())
+    assert settings["budget"]["input_size"] == 320
+
+
+def test_confirm_retrains_the_best_and_a_spread_and_reports_the_rank_correlation(tmp_path, monkeypatch):
+    from detkit.analysis import design_study
+    from detkit.analysis.design_study import confirm_design_space, confirmation_picks, run_design_space
+
+    assert confirmation_picks([(i, e) for i, e in enumerate([0.5, 0.1, 0.9, 0.3, 0.7, 0.2])], 4, 2) == [1, 5, 3, 2]
+    assert confirmation_picks([(0, 0.4), (1, 0.2)], 5, 3) == [1, 0]
+
+    def errors(name, ov):  # short: the sample's rank; long (train.epochs=9): the same order, except two swapped
+        i = int(name[-3:])
+        if "train.epochs=9" not in ov:
+            return 0.1 + i / 100
+        return 0.05 + {2: 4, 4: 2}.get(i, i) / 100
+
+    monkeypatch.setattr(design_study, "run_trials", fake_trials(errors))
+    run_design_space(["csp"], 8, "configs/yolo_af/shapes.yaml", out=tmp_path, budget=Budget(input_size=320))
+    summary = confirm_design_space(tmp_path, ["csp"], 5, ["train.epochs=9"], best=2)
+    picked = [p["sample"] for p in summary["pairs"]]
+    assert picked == ["s000", "s001", "s002", "s004", "s007"]  # the 2 best, then ranks 0, 2.5, 5 of the other 6
+    # the long errors swap s002 and s004: one adjacent swap among 5 ranks, rho = 1 - 6 * 2 / (5 * 24)
+    assert summary["all"]["spearman"] == pytest.approx(0.9) == summary["csp"]["spearman"]
+    assert (tmp_path / "confirm.md").is_file() and (tmp_path / "csp" / "confirm" / "settings.json").is_file()
+    with pytest.raises(ConfigError, match="needs at least 2"):
+        confirm_design_space(tmp_path, ["csp"], 1, ["train.epochs=9"])
+    with pytest.raises(ConfigError, match="no design-space study of 'regnetx'"):
+        confirm_design_space(tmp_path, ["regnetx"], 3, ["train.epochs=9"])

@@ -231,6 +231,67 @@ def ks_tests(errors: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     return rows
 
 
+def confirmation_picks(errors: Sequence[tuple[int, float]], k: int, best: int) -> list[int]:
+    """``k`` sample indices of ``(index, short error)`` pairs: the ``best`` lowest errors, then the rest spread
+    evenly over the remaining ranks (so that a rank correlation sees the whole range, not only the top)."""
+    ranked = [i for i, _ in sorted(errors, key=lambda e: (e[1], e[0]))]
+    k = min(k, len(ranked))
+    top, rest = ranked[:min(best, k)], ranked[min(best, k):]
+    more = k - len(top)
+    if more and rest:
+        spots = np.linspace(0, len(rest) - 1, more).round().astype(int)
+        top += [rest[j] for j in dict.fromkeys(spots.tolist())]
+    return top
+
+
+def confirm_design_space(out: str | Path, spaces: Sequence[str], k: int, long_overrides: Sequence[str],
+                         best: int = 3, retry_failed: bool = False) -> dict[str, Any]:
+    """Train ``k`` samples of each study in ``out`` again with ``long_overrides`` added to its task (e.g.
+    ``train.budget=10min``): the ``best`` best and the others spread over the error ranks, into
+    ``OUT/<space>/confirm/sNNN``. Then the Spearman rank correlation between the study's (short) errors and these
+    (long) ones, over every confirmed sample and per space, in ``OUT/confirm.{csv,md}``: whether the short budget
+    ranks networks as the long one does."""
+    from scipy.stats import spearmanr
+
+    out = Path(out)
+    if k < 2:
+        raise ConfigError(f"--confirm {k}: a rank correlation needs at least 2 networks")
+    pairs: list[dict[str, Any]] = []
+    with FolderLock(out, "design-space study"):
+        for space in spaces:
+            sdir = out / space
+            if not (sdir / "settings.json").is_file():
+                raise ConfigError(f"{sdir}: no design-space study of {space!r} here (no settings.json)")
+            settings = json.loads((sdir / "settings.json").read_text())
+            records, _ = space_results(sdir)
+            done = [(int(Path(r["trial"]).name[1:]), r["error"]) for r in records if r["error"] is not None]
+            if len(done) < 2:
+                raise ConfigError(f"{sdir}: {len(done)} finished sample(s); confirm needs at least 2")
+            samples = read_samples(sdir / "samples.json")
+            picks = confirmation_picks(done, k, best)
+            short = dict(done)
+            trials = [Trial(f"confirm/s{i:03d}", [*sample_overrides(samples[i]), *long_overrides],
+                            {**sample_info(space, i, samples[i]), "short_error": short[i]}) for i in picks]
+            overrides = list(settings.get("overrides", []))
+            check_settings(sdir / "confirm", {"long_overrides": list(long_overrides), "task": settings["task"],
+                                              "overrides": overrides}, grow=())
+            results = run_trials(settings["task"], overrides, trials, sdir, retry_failed=retry_failed,
+                                 measure=lambda run_dir, cfg: measure_model(run_dir, cfg, latency=False))
+            for trial, r in zip(trials, results):
+                long_error = round(1.0 - r["value"], 5) if r.get("status") == "done" else None
+                pairs.append({"space": space, "sample": trial.name.rsplit("/", 1)[1],
+                              "short_error": trial.info["short_error"], "long_error": long_error})
+    write_table(pairs, ["space", "sample", "short_error", "long_error"], out / "confirm")
+    summary: dict[str, Any] = {"pairs": pairs}
+    for name, rows in [("all", pairs), *((sp, [p for p in pairs if p["space"] == sp]) for sp in spaces)]:
+        usable = [p for p in rows if p["long_error"] is not None]
+        if len(usable) >= 2:
+            rho, pvalue = spearmanr([p["short_error"] for p in usable], [p["long_error"] for p in usable])
+            summary[name] = {"n": len(usable), "spearman": round(float(rho), 4), "p_value": float(f"{pvalue:.4g}")}
+    write_json(summary, out / "confirm.json")
+    return summary
+
+
 def format_summary(rows: Sequence[dict[str, Any]], out: Path) -> str:
     lines = [f"design-space study: {out / 'summary.md'}, {out / 'edf.png'} (per space: results.md, scatter.png)"]
     for r in rows:

@@ -36,6 +36,21 @@ def _design_space(args: argparse.Namespace) -> int:
         out = Path(args.report)
         print(format_summary(write_report(out), out))
         return 0
+    if args.confirm is not None:
+        from detkit.analysis.design_study import confirm_design_space
+
+        if not args.space or not args.out:
+            raise DetkitError("design-space --confirm K: give SPACE[,SPACE...] and the study's --out DIR")
+        spaces = [s.strip() for s in args.space.split(",") if s.strip()]
+        summary = confirm_design_space(args.out, spaces, args.confirm, list(args.overrides),
+                                       retry_failed=args.retry_failed)
+        for name in ("all", *spaces):
+            if name in summary:
+                r = summary[name]
+                print(f"confirm {name}: Spearman rho = {r['spearman']:.3f} (p = {r['p_value']:.3g}, n = {r['n']}) "
+                      f"between the study's errors and those with {' '.join(args.overrides)}")
+        print(f"pairs: {Path(args.out) / 'confirm.md'}")
+        return 0
     if not args.space or not args.task:
         raise DetkitError("design-space: give SPACE[,SPACE...] and --task CONFIG (or --fit WIDTHS, --report DIR)")
     budget = Budget(flops=args.flops_budget, params=args.params_budget, activations=args.activations_budget,
@@ -92,4 +107,8 @@ def add_parsers(sub) -> None:
     ds.add_argument("--fit", default=None, metavar="WIDTHS",
                     help="only print e_fit of a network's block widths: a RegNet preset, 1x32,2x64,... or 32,64,...")
     ds.add_argument("--report", default=None, metavar="DIR", help="only rewrite the report of the study in DIR")
+    ds.add_argument("--confirm", type=positive_int, default=None, metavar="K",
+                    help="train K samples of the study in --out again with the overrides given (e.g. "
+                         "train.budget=10min): the 3 best and the rest spread over the ranks; report the Spearman "
+                         "rank correlation between the two errors")
     ds.set_defaults(func=_design_space)
