@@ -23,6 +23,7 @@ from detkit.engine.optim import build_optimizer, build_scheduler, steps_per_epoc
 from detkit.errors import ConfigError, DataError, TrainingError
 from detkit.evaluation.build import build_evaluator
 from detkit.models import build_model
+from detkit.utils.memory_format import to_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class DetectionModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         if self.cfg.train.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+            to_channels_last(self.model)
 
     def layout(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The batch's images in the model's memory format (``train.channels_last``)."""
